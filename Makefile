@@ -1,0 +1,39 @@
+# Two entry points for people: `make test` and (with the pipelines issue) `make demo`.
+# Both create .venv at the repo root from the lock when it is missing and reuse it when present.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: test test-slow bench lock clean-venv
+
+# Re-installs only when the lock or the package metadata changed since the last install.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "dpmedtf needs Python 3.11, found " + sys.version.split()[0] + " at $(PYTHON); set PYTHON=/path/to/python3.11")'
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test,signing]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slow tests
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/calibration.py
+
+# Deliberate re-resolution of the stack: a fresh venv from pyproject.toml, frozen into constraints.txt.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade "pip>=24"
+	.venv-lock/bin/python -m pip install --quiet -e ".[test,signing]"
+	{ echo "# Lock for dpmedtf: every install (make test, make demo, Docker) resolves to exactly these versions."; \
+	  echo "# Regenerate only deliberately: make lock (re-resolves from pyproject.toml and rewrites this file)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i '^dpmedtf'; } > constraints.txt
+	rm -rf .venv-lock
+
+clean-venv:
+	rm -rf $(VENV)
