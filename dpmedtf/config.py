@@ -1,0 +1,252 @@
+"""Job configuration: frozen dataclasses, loaded from YAML, validated, resolved.
+
+Every field carries its documentation and, where it has one, its allowed range. Loading walks the
+YAML against the dataclasses and fails on the first problem with the file, the dotted key path and
+what is allowed, e.g. ``pipelines/cxr.yaml: training.batch_size: must be ≥ 1, got 0``.
+Resolution fills the defaults that depend on other choices (the paper's DP and non-DP regimes differ
+in learning rate, activation and augmentation) so the resolved config states everything a run used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from dpmedtf.errors import ConfigError
+
+
+def option(default: Any, doc: str, *, ge: float | None = None, le: float | None = None,
+           gt: float | None = None, lt: float | None = None) -> Any:
+    """A config field with its one-line documentation and optional numeric bounds."""
+    bounds = {k: v for k, v in dict(ge=ge, le=le, gt=gt, lt=lt).items() if v is not None}
+    kwargs = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return field(metadata={"doc": doc, "bounds": bounds}, **kwargs)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: Optional[Path] = option(None, "manifest CSV (relative paths are relative to the config file)")
+    modality: Literal["radiograph", "volume"] = option("radiograph", "chest radiographs (2D) or CT volumes (3D)")
+    image_size: int = option(512, "radiographs are resized to image_size × image_size (paper: 512)", ge=32, le=4096)
+    volume_shape: tuple[int, int, int] = option((224, 224, 128), "CT volumes are resized to this (H, W, D) (paper: 224×224×128)", ge=8, le=1024)
+    hu_window: tuple[float, float] = option((-150.0, 250.0), "CT intensities are clipped to this HU window (paper: −150…250)")
+    split_fractions: tuple[float, float, float] = option((0.7, 0.1, 0.2), "train/validation/test fractions for a patient-wise split when the manifest has no split column", ge=0.0, le=1.0)
+    split_seed: int = option(0, "seed of the patient-wise split", ge=0)
+    cache_dir: Optional[Path] = option(None, "where preprocessed images are cached (default: inside the run directory)")
+    skip_bad: bool = option(False, "skip unreadable inputs, listing each in a quarantine CSV, instead of stopping")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: Literal["resnet9"] = option("resnet9", "the paper's GroupNorm ResNet9 (ACS-3D for volumes)")
+    activation: Optional[Literal["mish", "relu"]] = option(None, "default: mish with DP, relu without (paper)")
+    groups: int = option(32, "GroupNorm groups", ge=1)
+    scale_norm: bool = option(False, "GroupNorm after each residual add (Klause et al. 2022)")
+    pretrained_weights: Optional[Path] = option(None, "weights to start from (e.g. non-private pretraining on a public cohort)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = option(True, "train with DP-SGD; false trains the non-private baseline")
+    target_epsilon: Optional[float] = option(None, "ε to reach exactly at the last step; σ is calibrated to it", gt=0.0)
+    noise_multiplier: Optional[float] = option(None, "σ given directly instead of a target ε", gt=0.0)
+    delta: float = option(6e-6, "δ; must be < 1/N (paper: 6e-6 for 153,502 images)", gt=0.0, lt=1.0)
+    clip_norm: float = option(1.5, "per-example gradient clip norm C (paper: 1.5 CXR, 1.0 PDAC)", gt=0.0)
+    accountant: Literal["rdp", "pld"] = option("rdp", "privacy accountant")
+    unit: Literal["image", "patient"] = option("image", "unit of privacy: one image (paper) or one patient")
+    allow_large_delta: bool = option(False, "accept δ ≥ 1/N (permits leaking a whole record; recorded in the certificate)")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: float = option(150.0, "expected passes over the training data (paper: 150)", gt=0.0)
+    steps: Optional[int] = option(None, "optimizer steps; overrides epochs when given", ge=1)
+    batch_size: int = option(128, "logical (expected, with Poisson sampling) batch size (paper: 128)", ge=1)
+    max_physical_batch: int = option(32, "largest chunk computed at once; bigger logical batches accumulate chunks", ge=1)
+    learning_rate: Optional[float] = option(None, "NAdam learning rate; default 5e-4 with DP, 5e-5 without (paper)", gt=0.0)
+    optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
+    augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip; default on without DP, off with DP (paper)")
+    class_weights: Literal["inverse_frequency", "none"] = option("inverse_frequency", "BCE weighting (inverse class frequency uses training labels outside DP; the certificate states it)")
+    seed: int = option(0, "seed of initialisation and sampling", ge=0)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    bootstrap_redraws: int = option(1000, "bootstrap redraws for confidence intervals (paper: 1000)", ge=1)
+    seed: int = option(0, "bootstrap seed", ge=0)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = option("job", "name of the job, used in reports")
+    data: DataConfig = option(DataConfig(), "input data")
+    model: ModelConfig = option(ModelConfig(), "network")
+    privacy: PrivacyConfig = option(PrivacyConfig(), "differential privacy")
+    training: TrainingConfig = option(TrainingConfig(), "optimisation")
+    evaluation: EvaluationConfig = option(EvaluationConfig(), "evaluation")
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+def load_config(path: str | Path, cls: type = JobConfig) -> Any:
+    """Reads, validates and resolves a YAML job file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return config_from_mapping(raw if raw is not None else {}, cls, source=str(path), base_dir=path.parent)
+
+
+def config_from_mapping(raw: Any, cls: type = JobConfig, source: str = "<config>",
+                        base_dir: Path | None = None) -> Any:
+    loaded = _convert(raw, cls, "", _Context(source, base_dir))
+    return resolve(loaded, source) if isinstance(loaded, JobConfig) else loaded
+
+
+@dataclass(frozen=True)
+class _Context:
+    source: str
+    base_dir: Path | None
+
+    def fail(self, key_path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key_path or '<top level>'}: {message}")
+
+
+def _convert(value: Any, tp: Any, key_path: str, ctx: _Context, bounds: dict | None = None) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key_path, ctx, bounds)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(value, tp, key_path, ctx)
+    if origin is Literal:
+        if value not in args:
+            raise ctx.fail(key_path, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ctx.fail(key_path, f"must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key_path}[{i}]", ctx, bounds) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ctx.fail(key_path, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.fail(key_path, f"must be a whole number, got {value!r}")
+        return _check_bounds(value, bounds, key_path, ctx)
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 6e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ctx.fail(key_path, f"must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ctx.fail(key_path, f"must be a finite number, got {value!r}")
+        return _check_bounds(float(value), bounds, key_path, ctx)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ctx.fail(key_path, f"must be a non-empty string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ctx.fail(key_path, f"must be a path, got {value!r}")
+        p = Path(value).expanduser()
+        return (ctx.base_dir / p).resolve() if ctx.base_dir is not None and not p.is_absolute() else p
+    raise TypeError(f"config type {tp!r} at {key_path} is not supported")  # a bug in this module
+
+
+def _convert_dataclass(value: Any, cls: type, key_path: str, ctx: _Context) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ctx.fail(key_path, f"must be a mapping of settings, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in value:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ctx.fail(_join(key_path, str(key)), f"unknown key{hint}; allowed: {', '.join(fields)}")
+    kwargs = {name: _convert(value[name], hints[name], _join(key_path, name), ctx, f.metadata.get("bounds"))
+              for name, f in fields.items() if name in value}
+    return cls(**kwargs)
+
+
+def _check_bounds(value: float, bounds: dict | None, key_path: str, ctx: _Context) -> float:
+    checks = {"ge": (lambda v, b: v >= b, "≥"), "le": (lambda v, b: v <= b, "≤"),
+              "gt": (lambda v, b: v > b, ">"), "lt": (lambda v, b: v < b, "<")}
+    for name, bound in (bounds or {}).items():
+        ok, sign = checks[name]
+        if not ok(value, bound):
+            raise ctx.fail(key_path, f"must be {sign} {bound:g}, got {value!r}")
+    return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+# --- resolution --------------------------------------------------------------------------------------
+
+def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
+    """Fills regime-dependent defaults (paper: DP vs non-DP) and checks cross-field rules."""
+    ctx = _Context(source, None)
+    dp = job.privacy.enabled
+    if dp and (job.privacy.target_epsilon is None) == (job.privacy.noise_multiplier is None):
+        raise ctx.fail("privacy", "give exactly one of target_epsilon (σ is calibrated to it) or "
+                                  "noise_multiplier, or set enabled: false for a non-private run")
+    if not dp and (job.privacy.target_epsilon is not None or job.privacy.noise_multiplier is not None):
+        raise ctx.fail("privacy", "target_epsilon/noise_multiplier are set but enabled is false: "
+                                  "remove them or enable DP, so the run is not mistaken for a private one")
+    if abs(sum(job.data.split_fractions) - 1.0) > 1e-6:
+        raise ctx.fail("data.split_fractions", f"must sum to 1, got {job.data.split_fractions}")
+    if job.data.hu_window[0] >= job.data.hu_window[1]:
+        raise ctx.fail("data.hu_window", f"low must be below high, got {job.data.hu_window}")
+    return dataclasses.replace(
+        job,
+        model=dataclasses.replace(job.model, activation=job.model.activation or ("mish" if dp else "relu")),
+        training=dataclasses.replace(
+            job.training,
+            learning_rate=job.training.learning_rate or (5e-4 if dp else 5e-5),
+            augment=(not dp) if job.training.augment is None else job.training.augment))
+
+
+def config_to_dict(config: Any) -> Any:
+    """Plain data (for YAML/JSON) of a config, paths as strings: what a run records as 'resolved'."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple):
+        return [config_to_dict(v) for v in config]
+    if isinstance(config, Path):
+        return str(config)
+    return config
+
+
+def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key path, default, doc) for every setting: the reference the README and `config keys` show."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], key))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, repr(config_to_dict(default)), f.metadata.get("doc", "")))
+    return rows
