@@ -7,6 +7,7 @@ Heavy imports (TensorFlow, dp_accounting) happen inside the commands that need t
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -24,8 +25,10 @@ app = typer.Typer(name="dpmedtf", no_args_is_help=True, add_completion=False,
                   help="Differentially private diagnostic models for medical imaging.")
 privacy_app = typer.Typer(no_args_is_help=True, help="Privacy accountant calculator (DP-SGD, Poisson sampling).")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect and validate job configuration files.")
+preprocess_app = typer.Typer(no_args_is_help=True, help="Write exactly what the model sees for one input.")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(config_app, name="config")
+app.add_typer(preprocess_app, name="preprocess")
 
 
 class AccountantChoice(str, Enum):
@@ -118,8 +121,114 @@ def config_keys() -> None:
         typer.echo(f"{key} = {default}\n    {doc}")
 
 
+# --- data --------------------------------------------------------------------------------------------
+
+def _refuse_overwrite(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
+
+
+@preprocess_app.command("radiograph")
+def preprocess_radiograph(source: Path = typer.Argument(..., help="PNG, JPEG or DICOM radiograph."),
+                          out: Path = typer.Option(..., "--out", help="Output PNG (3-channel uint8)."),
+                          image_size: int = typer.Option(512, "--image-size", min=32, help="Output side in pixels."),
+                          force: bool = typer.Option(False, "--force", help="Replace an existing output.")) -> None:
+    """Decode, resize, min-max to uint8, equalise, expand to 3 channels; write the PNG the model sees."""
+    import numpy as np
+
+    from dpmedtf.data import radiograph
+
+    _refuse_overwrite(out, force)
+    image = radiograph.preprocess_file(source, image_size)
+    radiograph.save_png(np.repeat(image[..., None], 3, axis=-1), out)
+    typer.echo(f"wrote {out} ({image_size}×{image_size}×3 uint8; the model input is this / 255)")
+
+
+@preprocess_app.command("volume")
+def preprocess_volume(source: Path = typer.Argument(..., help="NIfTI file or folder of DICOM slices."),
+                      out: Path = typer.Option(..., "--out", help="Output .nii.gz/.nii or .npy."),
+                      shape: tuple[int, int, int] = typer.Option((224, 224, 128), "--shape", help="H W D after resizing."),
+                      hu_window: tuple[float, float] = typer.Option((-150.0, 250.0), "--hu-window", help="HU clip window."),
+                      force: bool = typer.Option(False, "--force", help="Replace an existing output.")) -> None:
+    """HU, canonical orientation, clip, scale to [0, 1], trilinear resize; write the volume the model sees."""
+    import numpy as np
+
+    from dpmedtf.data import volume
+
+    _refuse_overwrite(out, force)
+    data = volume.preprocess_file(source, shape, hu_window)
+    if out.suffix == ".npy":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, data)
+    else:
+        volume.save_nifti(data, out)
+    typer.echo(f"wrote {out} (D×H×W = {'×'.join(map(str, data.shape))} float32 in [0, 1])")
+
+
+@app.command("cohort")
+def cohort(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest CSV."),
+           split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise split (no split column)."),
+           out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV.")) -> None:
+    """Validate a manifest and print its cohort table (counts per split, sex, age group, finding)."""
+    from dpmedtf.data import manifests
+
+    loaded = manifests.load_manifest(manifest, manifests.detect_modality(manifest), split_seed=split_seed)
+    _print_cohort(loaded, manifests.cohort_table(loaded), out)
+
+
+@app.command("prepare")
+def prepare(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest CSV."),
+            cache: Path = typer.Option(..., "--cache", help="Cache directory for the preprocessed array."),
+            image_size: int = typer.Option(512, "--image-size", min=32, help="Radiograph side in pixels."),
+            shape: tuple[int, int, int] = typer.Option((224, 224, 128), "--shape", help="CT H W D."),
+            split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise split."),
+            skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine unreadable files instead of stopping.")) -> None:
+    """Check, decode and preprocess every file of a manifest into the cache; print the cohort table."""
+    from dpmedtf.data import cache as data_cache
+    from dpmedtf.data import manifests
+    from dpmedtf.progress import progress_bar
+
+    modality = manifests.detect_modality(manifest)
+    loaded = manifests.load_manifest(manifest, modality, split_seed=split_seed)
+    spec = data_cache.PreprocessSpec(modality, image_size=image_size, volume_shape=shape)
+    with progress_bar("preparing", len(loaded.frame)) as advance:
+        prepared = data_cache.prepare(loaded, spec, cache, skip_bad=skip_bad, progress=advance)
+    _print_cohort(prepared.cohort, manifests.cohort_table(prepared.cohort, prepared.quarantine), None)
+    typer.echo(f"cache: {prepared.directory}")
+    if len(prepared.quarantine):
+        typer.echo(f"quarantined {len(prepared.quarantine)} file(s), listed with reasons in "
+                   f"{prepared.directory / 'quarantine.csv'}", err=True)
+
+
+@app.command("synthetic")
+def synthetic(out: Path = typer.Option(..., "--out", help="Directory for the synthetic cohort."),
+              patients: int = typer.Option(120, "--patients", min=1),
+              volumes: int = typer.Option(0, "--volumes", min=0, help="Also write this many CT-like volumes."),
+              seed: int = typer.Option(0, "--seed")) -> None:
+    """Write the SYNTHETIC demo cohort (generated images, not patients) with its manifests."""
+    from dpmedtf.data.synthetic import NOTICE, SyntheticCohortSpec, write_synthetic_cohort
+
+    written = write_synthetic_cohort(out, SyntheticCohortSpec(patients=patients, volumes=volumes, seed=seed))
+    for kind, path in written.items():
+        typer.echo(f"{kind} manifest: {path}")
+    typer.echo(NOTICE)
+
+
+def _print_cohort(loaded, table, out: Optional[Path]) -> None:
+    title = f"cohort {loaded.source} ({loaded.modality})"
+    if loaded.synthetic:
+        title += " — SYNTHETIC DATA, not patients"
+    typer.echo(title)
+    typer.echo(table.to_string())
+    if out is not None:
+        table.to_csv(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error becomes one line on stderr and a non-zero exit."""
+    # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) buries the CLI's own output;
+    # real failures still surface as Python exceptions. TF_CPP_MIN_LOG_LEVEL=0 brings it back.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="dpmedtf", standalone_mode=False)

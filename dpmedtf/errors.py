@@ -11,3 +11,7 @@ class ConfigError(DpmedtfError, ValueError):
 
 class PrivacyParameterError(DpmedtfError, ValueError):
     """DP-SGD parameters that are invalid or would make a privacy claim meaningless."""
+
+
+class DataError(DpmedtfError):
+    """Input data that cannot be used as given: bad manifest rows, unreadable or implausible files."""

@@ -1,0 +1,241 @@
+"""Manifests: the CSV a user brings, validated into a cohort with labels, subgroups and splits.
+
+Radiograph manifest: ``image_path`` (relative to the CSV), ``patient_id``, ``sex``, ``age``, one
+column per finding with its grade (name or 0–4), optional ``split``. CT manifest: ``volume_path``
+(NIfTI file or DICOM series folder), ``patient_id``, ``sex``, ``age``, ``label`` (0/1), optional
+``split``. Every problem is reported with the CSV file, its line number and what to do; nothing is
+dropped. Without a ``split`` column the split is made patient-wise here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from dpmedtf.data import labels as L
+from dpmedtf.errors import DataError
+
+Modality = Literal["radiograph", "volume"]
+PATH_COLUMN = {"radiograph": "image_path", "volume": "volume_path"}
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A validated manifest. ``frame`` has one row per image (or volume) with absolute ``path``,
+    ``patient_id``, ``sex``, ``age``, ``age_group``, ``split``, one binary column per label, and
+    ``line`` (the CSV line the row came from, for messages)."""
+
+    frame: pd.DataFrame
+    modality: Modality
+    label_names: tuple[str, ...]
+    source: Path
+    synthetic: bool = False
+    """True when the manifest marks every row synthetic (the demo cohort): reports must say so."""
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == name]
+
+    def labels(self, rows: pd.DataFrame | None = None) -> np.ndarray:
+        rows = self.frame if rows is None else rows
+        return rows[list(self.label_names)].to_numpy(np.float32)
+
+    def where(self, index: int) -> str:
+        """'manifest.csv line 7 (path/to/file)': how messages name a row."""
+        row = self.frame.loc[index]
+        return f"{self.source} line {row['line']} ({row['path']})"
+
+
+def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.1, 0.2),
+                  split_seed: int = 0) -> Cohort:
+    """Reads and validates a manifest; splits patient-wise when it has no ``split`` column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found; give the path of the CSV file")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from exc
+    raw.columns = [c.strip() for c in raw.columns]
+    label_names = L.FINDINGS if modality == "radiograph" else ("label",)
+    required = [PATH_COLUMN[modality], "patient_id", "sex", "age", *label_names]
+    missing = [c for c in required if c not in raw.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {modality} manifest needs "
+                        f"{', '.join(required)} and optionally split")
+    if raw.empty:
+        raise DataError(f"{path}: the manifest has no rows")
+
+    problems: list[str] = []
+    records = []
+    for i, row in enumerate(raw.to_dict("records")):
+        line = i + 2  # the header is line 1
+        record = {"line": line}
+        try:
+            rel = row[PATH_COLUMN[modality]].strip()
+            if not rel:
+                raise ValueError(f"empty {PATH_COLUMN[modality]}")
+            record["path"] = str((path.parent / rel).resolve()) if not Path(rel).is_absolute() else rel
+            record["patient_id"] = row["patient_id"].strip()
+            if not record["patient_id"]:
+                raise ValueError("empty patient_id")
+            record["sex"] = L.parse_sex(row["sex"])
+            record["age"] = L.parse_age(row["age"])
+            if modality == "radiograph":
+                for finding in L.FINDINGS:
+                    grade = L.parse_grade(finding, row[finding])
+                    record[f"{finding}_grade"] = grade
+                    record[finding] = L.binary_label(grade)
+            else:
+                record["label"] = _parse_binary(row["label"])
+            if "split" in raw.columns:
+                record["split"] = L.parse_split(row["split"])
+        except ValueError as exc:
+            problems.append(f"line {line}: {exc}")
+            continue
+        records.append(record)
+    _raise_problems(path, problems, "fix these rows")
+
+    frame = pd.DataFrame.from_records(records)
+    duplicated = frame[frame.duplicated("path", keep=False)]
+    if not duplicated.empty:
+        first = duplicated.iloc[0]
+        raise DataError(f"{path}: line(s) {', '.join(map(str, duplicated[duplicated['path'] == first['path']]['line']))} "
+                        f"name the same file {first['path']}; each file may appear once")
+    _check_patients_consistent(path, frame)
+    if "split" in frame.columns:
+        _check_patient_in_one_split(path, frame)
+    else:
+        frame["split"] = patient_wise_split(frame, label_names, split_fractions, split_seed)
+    frame["age_group"] = (frame["age"].map(L.radiograph_age_group) if modality == "radiograph"
+                          else age_quartile_groups(frame["age"]))
+    synthetic = "synthetic" in raw.columns and raw["synthetic"].str.strip().str.lower().eq("true").all()
+    return Cohort(frame.reset_index(drop=True), modality, tuple(label_names), path, bool(synthetic))
+
+
+def detect_modality(path: str | Path) -> Modality:
+    """'radiograph' or 'volume', from the manifest's path column."""
+    try:
+        columns = [c.strip() for c in pd.read_csv(path, nrows=0).columns]
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from exc
+    for modality, column in PATH_COLUMN.items():
+        if column in columns:
+            return modality
+    raise DataError(f"{path}: has neither an image_path (radiographs) nor a volume_path (CT) column")
+
+
+def _parse_binary(value) -> int:
+    text = str(value).strip().lower()
+    if text in ("1", "1.0", "true", "positive"):
+        return 1
+    if text in ("0", "0.0", "false", "negative"):
+        return 0
+    raise ValueError(f"unknown label {value!r}; use 0 or 1")
+
+
+def _raise_problems(path: Path, problems: list[str], what_to_do: str) -> None:
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    raise DataError(f"{path}: {len(problems)} invalid row(s); {what_to_do}:\n  " + "\n  ".join(shown) + more)
+
+
+def _check_patients_consistent(path: Path, frame: pd.DataFrame) -> None:
+    # One patient, one sex: a conflict means two patients share an ID (or a data-entry error).
+    sexes = frame.groupby("patient_id")["sex"].nunique()
+    for patient in sexes[sexes > 1].index[:1]:
+        lines = frame.loc[frame["patient_id"] == patient, "line"].tolist()
+        raise DataError(f"{path}: patient {patient!r} has different sex values on lines {lines}; "
+                        "correct the rows or give the patients distinct IDs")
+
+
+def _check_patient_in_one_split(path: Path, frame: pd.DataFrame) -> None:
+    splits = frame.groupby("patient_id")["split"].nunique()
+    leaking = splits[splits > 1].index.tolist()
+    if leaking:
+        patient = leaking[0]
+        rows = frame[frame["patient_id"] == patient]
+        where = ", ".join(f"line {r.line} → {r.split}" for r in rows.itertuples())
+        raise DataError(f"{path}: patient {patient!r} is in more than one split ({where}); a patient's images "
+                        f"must all be in one split, or the test set leaks training patients "
+                        f"({len(leaking)} patient(s) affected)")
+
+
+def patient_wise_split(frame: pd.DataFrame, label_names, fractions=(0.7, 0.1, 0.2), seed: int = 0) -> pd.Series:
+    """Assigns whole patients to train/validation/test by iterative stratification (Sechidis et al.
+    2011) at patient level: the label with the fewest unplaced positive patients goes first, each of
+    its patients to the split that still wants most of that label's positives (ties: most images
+    still wanted, then chance). Deterministic by seed; image counts and prevalences follow the fractions."""
+    fractions = np.asarray(fractions, dtype=float)
+    grouped = frame.groupby("patient_id", sort=True)
+    positives = grouped[list(label_names)].sum().to_numpy(float)
+    images = grouped.size().to_numpy(float)
+    patients = grouped.size().index
+    rng = np.random.default_rng(seed)
+    wanted_labels = fractions[:, None] * positives.sum(axis=0)[None, :]
+    wanted_images = fractions * images.sum()
+    allowed = fractions > 0
+    assignment = np.full(len(patients), -1)
+    tiebreak = rng.random(len(patients))
+
+    def place(p: int, label: int | None) -> None:
+        need = wanted_labels[:, label] if label is not None else np.zeros(3)
+        keys = np.lexsort((rng.random(3), -wanted_images, -need))  # primary key last
+        s = next(int(k) for k in keys if allowed[k])
+        assignment[p] = s
+        wanted_labels[s] -= positives[p]
+        wanted_images[s] -= images[p]
+
+    while True:
+        unplaced = assignment < 0
+        carrying = (positives[unplaced] > 0).sum(axis=0)
+        if not carrying.any():
+            break
+        label = int(np.argmin(np.where(carrying > 0, carrying, np.inf)))
+        for p in np.flatnonzero(unplaced & (positives[:, label] > 0))[np.argsort(tiebreak[unplaced & (positives[:, label] > 0)])]:
+            place(int(p), label)
+    for p in np.flatnonzero(assignment < 0)[np.argsort(tiebreak[assignment < 0])]:
+        place(int(p), None)
+    split_of_patient = dict(zip(patients, np.asarray(L.SPLITS)[assignment]))
+    return frame["patient_id"].map(split_of_patient)
+
+
+def age_quartile_groups(ages: pd.Series) -> pd.Series:
+    """CT subgroups: age quartiles of this cohort, labelled with their year ranges."""
+    edges = np.quantile(ages.to_numpy(float), [0.25, 0.5, 0.75])
+    index = np.searchsorted(edges, ages.to_numpy(float), side="right")
+    bounds = [ages.min(), *edges, ages.max()]
+    names = [f"Q{i + 1} {bounds[i]:g}-{bounds[i + 1]:g}" for i in range(4)]
+    return pd.Series([names[i] for i in index], index=ages.index)
+
+
+def cohort_table(cohort: Cohort, quarantined: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Counts per split like the paper's Table 1: images, patients, sex, age group, positives per label."""
+    f = cohort.frame
+    columns = {}
+    for split in (*L.SPLITS, "total"):
+        part = f if split == "total" else f[f["split"] == split]
+        col = {"images": len(part), "patients": part["patient_id"].nunique()}
+        for sex in L.SEXES:
+            col[f"sex {sex}"] = int((part["sex"] == sex).sum())
+        for group in sorted(f["age_group"].unique(), key=_age_group_key):
+            col[f"age {group}"] = int((part["age_group"] == group).sum())
+        col["age mean ± sd"] = f"{part['age'].mean():.1f} ± {part['age'].std(ddof=0):.1f}" if len(part) else "-"
+        for name in cohort.label_names:
+            col[f"{name} positive"] = int(part[name].sum())
+        if quarantined is not None:
+            col["quarantined (skipped)"] = len(quarantined) if split == "total" else int(
+                (quarantined.get("split", pd.Series(dtype=str)) == split).sum())
+        columns[split] = col
+    return pd.DataFrame(columns)
+
+
+def _age_group_key(group: str) -> float:
+    text = group.split()[-1] if group.startswith("Q") else group
+    return float(text.rstrip("+").split("-")[0])

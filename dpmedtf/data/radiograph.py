@@ -1,0 +1,242 @@
+"""Chest radiographs: inspect, decode and preprocess exactly as the paper did.
+
+Preprocessing (Commun Med 2024): resize to S×S (default 512), min-max normalise to uint8, histogram
+equalisation, expand to 3 channels; the model then sees the image scaled to [0, 1]. The uint8 S×S
+image is what the cache stores; channel expansion, scaling and augmentation happen per step.
+
+Decoding: PNG/JPEG with ``tf.io``; DICOM with tensorflow-io (DCMTK, ``on_error="strict"``), whose
+output is a *display* image: MONOCHROME1 already inverted so that air is dark (measured on pydicom-
+data's RG1_UNCR). Transfer syntaxes tensorflow-io is not relied on for (RLE, big-endian, deflated,
+colour) go through pydicom, which applies the modality LUT and inverts MONOCHROME1 itself. Every
+DICOM is inspected with pydicom first: no pixel data, a truncated file or an implausible shape is
+refused there, because tensorflow-io decodes a truncated file without complaint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from dpmedtf.errors import DataError
+
+DEFAULT_IMAGE_SIZE = 512
+MIN_SOURCE_PIXELS = 32  # an image smaller than this on a side is not a radiograph
+DECODER_TF_IMAGE, DECODER_TFIO_DICOM, DECODER_PYDICOM = 0, 1, 2
+DECODER_NAMES = ("tf.io", "tensorflow-io", "pydicom")
+
+_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+# Syntaxes tensorflow-io's DCMTK decoder reads (checked against pydicom-data's files in the tests).
+_TFIO_SYNTAXES = {
+    "1.2.840.10008.1.2",        # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",      # Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.70",   # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.90",   # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",   # JPEG 2000
+}
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What inspection learned about one input file."""
+
+    path: str
+    decoder: int
+    rows: int
+    columns: int
+
+
+def inspect_radiograph(path: str | os.PathLike) -> SourceInfo:
+    """Checks a file can be a radiograph and picks its decoder; DataError with the reason otherwise."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    if head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC):
+        return SourceInfo(path, DECODER_TF_IMAGE, -1, -1)  # tf.io checks the rest while decoding
+    return _inspect_dicom(path, size, has_preamble=head[128:132] == b"DICM")
+
+
+def _inspect_dicom(path: str, size: int, has_preamble: bool) -> SourceInfo:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
+    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError) as exc:
+        raise DataError(f"{path}: not a PNG, JPEG or readable DICOM image ({type(exc).__name__}: {exc})") from None
+    if "Rows" not in ds or "Columns" not in ds:
+        raise DataError(f"{path}: not a PNG, JPEG or DICOM image (no image header found)")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: DICOM has no pixel data (a report or structured document?); remove the row")
+    if rows < MIN_SOURCE_PIXELS or columns < MIN_SOURCE_PIXELS:
+        raise DataError(f"{path}: DICOM image is {rows}×{columns} pixels; too small to be a radiograph")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise DataError(f"{path}: DICOM has {frames} frames; a radiograph row must be a single image")
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    syntax = syntax or "1.2.840.10008.1.2"  # no meta header: DICOM's default, implicit VR little endian
+    element = ds.get_item("PixelData")
+    offset = getattr(element, "value_tell", None)
+    if syntax in _NATIVE_SYNTAXES:
+        expected = rows * columns * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("BitsAllocated", 16)) // 8
+        length = element.length if hasattr(element, "length") else len(element.value)
+        available = size - offset if offset is not None else length
+        if min(length, available) < expected:
+            raise DataError(f"{path}: DICOM is truncated: its pixel data has {min(length, available)} of the "
+                            f"{expected} bytes that {rows}×{columns} pixels need; re-export or re-copy the file")
+    elif offset is not None and offset >= size:
+        raise DataError(f"{path}: DICOM is truncated: the compressed pixel data is missing")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if not (photometric in ("MONOCHROME1", "MONOCHROME2", "RGB") or photometric.startswith("YBR")):
+        raise DataError(f"{path}: DICOM photometric interpretation {photometric or 'missing'} is not a "
+                        "radiograph's (MONOCHROME1/2, or RGB/YBR for secondary captures)")
+    decoder = (DECODER_TFIO_DICOM if syntax in _TFIO_SYNTAXES and photometric in ("MONOCHROME1", "MONOCHROME2")
+               else DECODER_PYDICOM)
+    return SourceInfo(path, decoder, rows, columns)
+
+
+# --- decoding ----------------------------------------------------------------------------------------
+
+def decode_with_pydicom(path: str) -> np.ndarray:
+    """float32 (H, W) with the modality LUT applied and MONOCHROME1 inverted (air dark)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for undecodable pixel data
+        raise DataError(f"{path}: DICOM pixel data cannot be decoded ({exc})") from None
+    photometric = str(ds.PhotometricInterpretation).upper()
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        if photometric.startswith("YBR"):
+            from pydicom.pixels import convert_color_space
+            pixels = convert_color_space(pixels, photometric, "RGB")
+        pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    else:
+        pixels = apply_modality_lut(pixels, ds).astype(np.float32)
+        if photometric == "MONOCHROME1":
+            pixels = pixels.max() + pixels.min() - pixels
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise DataError(f"{path}: decoded pixel data has shape {pixels.shape}; expected one 2D image")
+    return pixels
+
+
+def _decode_tf_image(path: tf.Tensor) -> tf.Tensor:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=0, dtype=tf.uint16, expand_animations=False)
+    image = tf.cast(image, tf.float32)
+    channels = tf.shape(image)[-1]
+    image = tf.cond(channels >= 3, lambda: tf.image.rgb_to_grayscale(image[..., :3]), lambda: image[..., :1])
+    return image[..., 0]
+
+
+def _decode_tfio_dicom(path: tf.Tensor, rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+    import tensorflow_io as tfio
+
+    image = tfio.image.decode_dicom_image(tf.io.read_file(path), dtype=tf.float32, scale="preserve",
+                                          on_error="strict")
+    # on_error="strict" still returns an empty tensor for some failures: check the shape against the header.
+    tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(image), tf.stack([1, rows, columns, 1]))),
+                        ["tensorflow-io decoded an unexpected shape for", path, tf.shape(image)])
+    return image[0, :, :, 0]
+
+
+def _decode_pydicom(path: tf.Tensor) -> tf.Tensor:
+    image = tf.numpy_function(lambda p: decode_with_pydicom(np.asarray(p).item().decode()), [path], tf.float32,
+                              stateful=False)
+    return tf.ensure_shape(image, [None, None])
+
+
+def decode(path: tf.Tensor, decoder: tf.Tensor, rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+    """float32 (H, W) raw intensities, air dark, by the decoder inspection chose."""
+    return tf.switch_case(tf.cast(decoder, tf.int32), [
+        lambda: _decode_tf_image(path),
+        lambda: _decode_tfio_dicom(path, rows, columns),
+        lambda: _decode_pydicom(path),
+    ])
+
+
+# --- the paper's preprocessing -------------------------------------------------------------------------
+
+def minmax_to_uint8(image: tf.Tensor) -> tf.Tensor:
+    low, high = tf.reduce_min(image), tf.reduce_max(image)
+    scaled = tf.math.divide_no_nan(image - low, high - low) * 255.0  # a constant image becomes all 0
+    return tf.cast(tf.round(scaled), tf.uint8)
+
+
+def equalize_histogram(image: tf.Tensor) -> tf.Tensor:
+    """Histogram equalisation of a uint8 image (the OpenCV/``equalizeHist`` mapping)."""
+    flat = tf.cast(tf.reshape(image, [-1]), tf.int32)
+    cdf = tf.cumsum(tf.math.bincount(flat, minlength=256, maxlength=256))
+    cdf_min = tf.reduce_min(tf.where(cdf > 0, cdf, tf.reduce_max(cdf)))
+    denominator = tf.cast(tf.size(flat) - cdf_min, tf.float32)
+    lut = tf.math.divide_no_nan(tf.cast(cdf - cdf_min, tf.float32) * 255.0, denominator)
+    lut = tf.cast(tf.clip_by_value(tf.round(lut), 0, 255), tf.uint8)
+    return tf.gather(lut, tf.cast(image, tf.int32))
+
+
+def preprocess(image: tf.Tensor, image_size: int = DEFAULT_IMAGE_SIZE) -> tf.Tensor:
+    """Raw float (H, W) → the paper's uint8 (S, S): resize, min-max to uint8, histogram equalisation."""
+    resized = tf.image.resize(image[..., None], [image_size, image_size], method="bilinear", antialias=True)[..., 0]
+    return equalize_histogram(minmax_to_uint8(resized))
+
+
+def to_model_input(image_uint8: tf.Tensor) -> tf.Tensor:
+    """uint8 (…, S, S) → float32 (…, S, S, 3) in [0, 1]: the three identical channels the model takes."""
+    image = tf.cast(image_uint8, tf.float32) / 255.0
+    return tf.repeat(image[..., None], 3, axis=-1)
+
+
+def augment(images: tf.Tensor, seed: tf.Tensor, max_degrees: float = 10.0) -> tf.Tensor:
+    """Non-DP augmentation of a batch (N, S, S, C): rotation by U(±10°) and horizontal flip with p = 0.5."""
+    n = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    angles = tf.random.stateless_uniform([n], seeds[0], -max_degrees, max_degrees) * (math.pi / 180.0)
+    flip = tf.random.stateless_uniform([n], seeds[1]) < 0.5
+    images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    return _rotate(images, angles)
+
+
+def _rotate(images: tf.Tensor, angles: tf.Tensor) -> tf.Tensor:
+    height, width = tf.cast(tf.shape(images)[1], tf.float32), tf.cast(tf.shape(images)[2], tf.float32)
+    cos, sin = tf.cos(angles), tf.sin(angles)
+    # Output pixel (x, y) samples the input at the inverse rotation about the image centre.
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
+                           tf.zeros_like(cos), tf.zeros_like(cos)], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT")
+
+
+def preprocess_file(path: str | os.PathLike, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """One file through inspection, decoding and preprocessing: the uint8 (S, S) image the model sees
+    (before channel expansion). The same code the training pipeline and ``dpmedtf predict`` use."""
+    info = inspect_radiograph(path)
+    try:
+        raw = decode(tf.constant(info.path), tf.constant(info.decoder), tf.constant(info.rows), tf.constant(info.columns))
+    except tf.errors.OpError as exc:
+        raise DataError(f"{path}: cannot decode the image with {DECODER_NAMES[info.decoder]} "
+                        f"({exc.message.splitlines()[0]})") from None
+    if min(raw.shape) < MIN_SOURCE_PIXELS:
+        raise DataError(f"{path}: image is {raw.shape[0]}×{raw.shape[1]} pixels; too small to be a radiograph")
+    return preprocess(raw, image_size).numpy()
+
+
+def save_png(image: np.ndarray, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(tf.io.encode_png(np.asarray(image)[..., None] if image.ndim == 2 else image).numpy())
+    return out

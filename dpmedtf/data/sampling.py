@@ -1,0 +1,104 @@
+"""Which examples each training step sees.
+
+DP-SGD's privacy amplification holds for Poisson sampling: at every step every example joins the
+batch independently with probability q, so batch sizes vary (and may be 0 — such a step still adds
+noise and must still happen). ``PoissonSampler`` draws exactly that: K ~ Binomial(N, q), then a
+uniformly random K-subset, which is the same distribution as N independent coin flips but costs
+O(K). Its ``sampling_rate`` and ``steps`` are the numbers the accountant must be given.
+
+Each step's draw depends only on (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would have: the sampler's whole state is the next step number.
+
+A logical batch larger than memory allows is split into physical chunks of at most
+``max_physical_batch``; the trainer accumulates the chunks of a step into one update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One physical batch: part (or all) of a step's logical batch."""
+
+    step: int
+    indices: np.ndarray
+    """Example indices (into the dataset) in this chunk; may be empty for an empty Poisson batch."""
+    chunk: int
+    chunks_in_step: int
+    logical_batch_size: int
+
+    @property
+    def last_in_step(self) -> bool:
+        return self.chunk == self.chunks_in_step - 1
+
+
+def split_into_chunks(step: int, indices: np.ndarray, max_physical_batch: int) -> list[Chunk]:
+    if max_physical_batch < 1:
+        raise ValueError(f"max_physical_batch must be ≥ 1, got {max_physical_batch}")
+    n_chunks = max(1, -(-len(indices) // max_physical_batch))
+    parts = np.array_split(indices, n_chunks) if len(indices) else [indices]
+    return [Chunk(step, part, i, n_chunks, len(indices)) for i, part in enumerate(parts)]
+
+
+@dataclass(frozen=True)
+class PoissonSampler:
+    """Poisson sampling over ``dataset_size`` examples with rate q = batch_size / dataset_size."""
+
+    dataset_size: int
+    batch_size: int
+    """Expected logical batch size B; q = B / N exactly as the accountant computes it."""
+    steps: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.batch_size <= self.dataset_size:
+            raise ValueError(f"batch size {self.batch_size} must be between 1 and the dataset size {self.dataset_size}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {self.steps}")
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    def indices(self, step: int) -> np.ndarray:
+        """The sorted example indices of ``step``'s logical batch."""
+        rng = np.random.default_rng([self.seed, step])
+        count = rng.binomial(self.dataset_size, self.sampling_rate)
+        return np.sort(rng.choice(self.dataset_size, size=count, replace=False))
+
+    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
+        for step in range(start_step, self.steps):
+            yield from split_into_chunks(step, self.indices(step), max_physical_batch)
+
+
+@dataclass(frozen=True)
+class ShuffledBatches:
+    """Non-private training: a fresh permutation each epoch, cut into batches of ``batch_size``.
+    The last, smaller batch of an epoch is kept, so every example is seen once per epoch."""
+
+    dataset_size: int
+    batch_size: int
+    steps: int
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.batch_size:
+            raise ValueError(f"batch size must be ≥ 1, got {self.batch_size}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.dataset_size // self.batch_size)
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
+        return np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])
+
+    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
+        for step in range(start_step, self.steps):
+            yield from split_into_chunks(step, self.indices(step), max_physical_batch)

@@ -1,0 +1,216 @@
+"""CT volumes: NIfTI or DICOM series → Hounsfield units → the paper's windowed, resized volume.
+
+Both sources go through one orientation path: DICOM slices get an affine from their positions and
+orientation (sorted along the slice normal, never by InstanceNumber) and are handed to nibabel like
+a NIfTI file, which brings either to RAS+ (``as_closest_canonical``). The model then sees
+(depth, height, width) = (inferior→superior slices, anterior→posterior rows, right→left columns):
+axial slices as a radiologist views them.
+
+HU: per-slice RescaleSlope/Intercept, or for enhanced multi-frame CT the PixelValueTransformation in
+the per-frame or shared functional groups (pydicom's modality LUT does not look there).
+Preprocessing (paper): clip to −150…250 HU, scale to [0, 1], trilinear resize to 224×224×128 (H×W×D).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from dpmedtf.errors import DataError
+
+DEFAULT_VOLUME_SHAPE = (224, 224, 128)  # (H, W, D), as the paper states it
+DEFAULT_HU_WINDOW = (-150.0, 250.0)
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def load_hu(path: str | os.PathLike) -> np.ndarray:
+    """float32 (D, H, W) in Hounsfield units, canonically oriented, from a NIfTI file or DICOM folder."""
+    import nibabel as nib
+
+    path = Path(path)
+    if path.is_dir():
+        data, affine = _dicom_series(path)
+        image = nib.Nifti1Image(data, affine)
+    elif path.is_file():
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: file is empty (0 bytes)")
+        if not path.name.lower().endswith(_NIFTI_SUFFIXES):
+            raise DataError(f"{path}: a CT volume must be a NIfTI file (.nii, .nii.gz) or a folder of DICOM slices")
+        try:
+            image = nib.load(str(path))
+            image.get_fdata(dtype=np.float32)  # force the read so a corrupt file fails here
+        except Exception as exc:  # nibabel raises a variety of types for bad files
+            raise DataError(f"{path}: not a readable NIfTI volume ({type(exc).__name__}: {exc})") from None
+    else:
+        raise DataError(f"{path}: volume not found")
+    if image.ndim == 4 and image.shape[3] == 1:
+        image = image.slicer[..., 0]
+    if image.ndim != 3:
+        raise DataError(f"{path}: volume has {image.ndim} dimensions {tuple(image.shape)}; a CT volume has 3")
+    canonical = nib.as_closest_canonical(image)
+    hu = np.asarray(canonical.get_fdata(dtype=np.float32))
+    if not np.isfinite(hu).all():
+        raise DataError(f"{path}: volume contains {int((~np.isfinite(hu)).sum())} NaN/Inf voxel(s); "
+                        "fix the conversion that produced it")
+    # RAS+ (x: →Right, y: →Anterior, z: →Superior) to (z, rows anterior→posterior, columns right→left).
+    return np.ascontiguousarray(hu[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(columns, rows, slices) HU array and its RAS affine, from the DICOM files in ``folder``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{folder}: folder contains no files; a DICOM series folder holds one file per slice")
+    datasets = []
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file, force=file.suffix.lower() != ".dcm")
+            ds.Rows  # noqa: B018  (a file without an image header fails here)
+        except (InvalidDicomError, AttributeError, EOFError, ValueError, OSError) as exc:
+            raise DataError(f"{file}: not a readable DICOM slice ({type(exc).__name__}: {exc})") from None
+        if "PixelData" not in ds:
+            raise DataError(f"{file}: DICOM has no pixel data; remove it from the series folder")
+        datasets.append(ds)
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) > 1:
+        raise DataError(f"{folder}: holds {len(series)} different series; give each series its own folder")
+    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+        slices, positions, orientation, spacing = _enhanced_frames(datasets[0], files[0])
+    else:
+        slices, positions, orientation, spacing = _classic_slices(datasets, files)
+    row_cosine, column_cosine = orientation[:3], orientation[3:]
+    normal = np.cross(row_cosine, column_cosine)
+    order = np.argsort(positions @ normal, kind="stable")
+    positions = positions[order]
+    volume = np.stack([slices[i] for i in order], axis=-1)  # (rows, columns, slices)
+    if len(positions) > 1:
+        step = (positions[-1] - positions[0]) / (len(positions) - 1)
+        distances = np.diff(positions @ normal)
+        if np.any(distances < 1e-3):
+            raise DataError(f"{folder}: two slices share a position; the folder mixes series or holds duplicates")
+    else:
+        step = normal * spacing[2]
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cosine * spacing[1]     # along a row: increasing column index
+    affine_lps[:3, 1] = column_cosine * spacing[0]  # down a column: increasing row index
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = positions[0]
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # DICOM is LPS, NIfTI RAS
+    return volume.transpose(1, 0, 2), affine_ras
+
+
+def _rescale(pixels: np.ndarray, holder) -> np.ndarray:
+    slope = float(getattr(holder, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(holder, "RescaleIntercept", 0.0) or 0.0)
+    return pixels.astype(np.float32) * slope + intercept
+
+
+def _pixels(ds, file: Path) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for undecodable or short pixel data
+        raise DataError(f"{file}: DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def _classic_slices(datasets, files):
+    slices, positions = [], []
+    orientation = None
+    for ds, file in zip(datasets, files):
+        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+            raise DataError(f"{file}: slice has no ImagePositionPatient/ImageOrientationPatient; its place "
+                            "in the volume is unknown")
+        this = np.asarray(ds.ImageOrientationPatient, float)
+        if orientation is None:
+            orientation = this
+        elif not np.allclose(this, orientation, atol=1e-4):
+            raise DataError(f"{file}: slice orientation differs from the rest of the series")
+        slices.append(_rescale(_pixels(ds, file), ds))
+        positions.append(np.asarray(ds.ImagePositionPatient, float))
+    if len({s.shape for s in slices}) > 1:
+        raise DataError(f"{files[0].parent}: slices have different sizes {sorted({s.shape for s in slices})}")
+    first = datasets[0]
+    spacing = [*map(float, first.get("PixelSpacing", [1.0, 1.0])), float(first.get("SliceThickness", 1.0) or 1.0)]
+    return slices, np.asarray(positions), orientation, spacing
+
+
+def _enhanced_frames(ds, file: Path):
+    """Frames of an enhanced multi-frame CT: geometry and rescale live in the functional groups."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+
+    def group(frame, keyword):
+        if keyword in frame:
+            return frame[keyword].value[0]
+        if shared is not None and keyword in shared:
+            return shared[keyword].value[0]
+        raise DataError(f"{file}: enhanced DICOM lacks {keyword} for its frames")
+
+    pixels = _pixels(ds, file)
+    slices, positions = [], []
+    orientation = np.asarray(group(per_frame[0], "PlaneOrientationSequence").ImageOrientationPatient, float)
+    for index, frame in enumerate(per_frame):
+        slices.append(_rescale(pixels[index], group(frame, "PixelValueTransformationSequence")))
+        positions.append(np.asarray(group(frame, "PlanePositionSequence").ImagePositionPatient, float))
+    measures = group(per_frame[0], "PixelMeasuresSequence")
+    spacing = [*map(float, measures.get("PixelSpacing", [1.0, 1.0])), float(measures.get("SliceThickness", 1.0) or 1.0)]
+    return slices, np.asarray(positions), orientation, spacing
+
+
+# --- the paper's preprocessing -------------------------------------------------------------------------
+
+def window(hu: np.ndarray, hu_window=DEFAULT_HU_WINDOW) -> np.ndarray:
+    """Clip to the HU window and scale it to [0, 1]."""
+    low, high = hu_window
+    return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def resize_trilinear(volume: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Separable linear interpolation on each axis with half-voxel centres (align_corners=False, as in
+    PyTorch/MONAI), i.e. trilinear resampling."""
+    out = volume.astype(np.float32, copy=False)
+    for axis, size in enumerate(shape):
+        out = _resize_axis(out, size, axis)
+    return out
+
+
+def _resize_axis(array: np.ndarray, size: int, axis: int) -> np.ndarray:
+    length = array.shape[axis]
+    if length == size:
+        return array
+    source = np.clip((np.arange(size) + 0.5) * (length / size) - 0.5, 0, length - 1)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, length - 1)
+    weight = (source - low).astype(np.float32)
+    shape = [1] * array.ndim
+    shape[axis] = size
+    weight = weight.reshape(shape)
+    return np.take(array, low, axis=axis) * (1 - weight) + np.take(array, high, axis=axis) * weight
+
+
+def preprocess(hu: np.ndarray, volume_shape=DEFAULT_VOLUME_SHAPE, hu_window=DEFAULT_HU_WINDOW) -> np.ndarray:
+    """HU (D, H, W) → float32 (D, H, W) in [0, 1], resized to ``volume_shape`` given as (H, W, D)."""
+    height, width, depth = volume_shape
+    return resize_trilinear(window(hu, hu_window), (depth, height, width))
+
+
+def preprocess_file(path: str | os.PathLike, volume_shape=DEFAULT_VOLUME_SHAPE,
+                    hu_window=DEFAULT_HU_WINDOW) -> np.ndarray:
+    """One NIfTI file or DICOM folder to what the model sees (before channel expansion)."""
+    return preprocess(load_hu(path), volume_shape, hu_window)
+
+
+def save_nifti(volume: np.ndarray, out: str | os.PathLike) -> Path:
+    """Writes a (D, H, W) model-view volume as NIfTI, with an affine that states its orientation."""
+    import nibabel as nib
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # (D, H, W) = (z ↑, rows anterior→posterior, columns right→left) back to RAS voxel axes.
+    ras = np.ascontiguousarray(volume.transpose(2, 1, 0)[::-1, ::-1, :])
+    nib.save(nib.Nifti1Image(ras.astype(np.float32), np.eye(4)), str(out))
+    return out
