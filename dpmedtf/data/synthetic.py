@@ -148,7 +148,8 @@ def _write_dicom(path: Path, image: np.ndarray, patient_id: str, sex: str, age: 
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
+    # Deterministic UID (same seed → byte-identical files wherever they are written).
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[path.name, image.tobytes().hex()[:4096], patient_id])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta

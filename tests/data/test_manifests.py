@@ -1,0 +1,152 @@
+"""Manifests: labels as the paper maps them, every bad row named, patient-wise stratified splits."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpmedtf.data import labels as L
+from dpmedtf.data.manifests import cohort_table, detect_modality, load_manifest, patient_wise_split
+from dpmedtf.errors import DataError
+
+HEADER = "image_path,patient_id,sex,age," + ",".join(L.FINDINGS)
+
+
+def write_csv(tmp_path, lines, name="manifest.csv"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def row(path, patient, sex="F", age=50, grades=("0",) * 8, split=None):
+    return ",".join([path, patient, sex, str(age), *grades] + ([split] if split else []))
+
+
+@pytest.mark.parametrize("finding, value, grade, binary", [
+    ("cardiomegaly", "normal", 0, 0), ("cardiomegaly", "uncertain", 1, 0), ("cardiomegaly", "borderline", 2, 1),
+    ("cardiomegaly", "Massively enlarged", 4, 1), ("congestion", "negative", 0, 0), ("congestion", "MILD", 2, 1),
+    ("atelectasis_left", "severe", 4, 1), ("pleural_effusion_right", "3", 3, 1), ("pleural_effusion_right", 1, 1, 0),
+    ("pneumonic_infiltrates_left", 2.0, 2, 1),
+])
+def test_grades_map_to_the_papers_binary_labels(finding, value, grade, binary):
+    assert L.parse_grade(finding, value) == grade
+    assert L.binary_label(grade) == binary
+
+
+@pytest.mark.parametrize("finding, value", [("cardiomegaly", "mild"), ("congestion", "enlarged"),
+                                            ("congestion", "5"), ("congestion", ""), ("congestion", -1)])
+def test_unknown_grades_are_refused(finding, value):
+    with pytest.raises(ValueError, match="unknown grade"):
+        L.parse_grade(finding, value)
+
+
+@pytest.mark.parametrize("age, group", [(0, "0-29"), (29.9, "0-29"), (30, "30-59"), (59, "30-59"), (60, "60-69"),
+                                        (70, "70-79"), (79.99, "70-79"), (80, "80+"), (100, "80+")])
+def test_paper_age_bins(age, group):
+    assert L.radiograph_age_group(age) == group
+
+
+def test_valid_manifest_loads_with_paths_relative_to_the_csv(tmp_path):
+    path = write_csv(tmp_path, [HEADER + ",split",
+                                row("a.png", "P1", "female", 45, ("borderline",) + ("0",) * 7, "train"),
+                                row("sub/b.dcm", "P1", "F", 46, ("0",) * 7 + ("moderate",), "training"),
+                                row("c.png", "P2", "m", 81, ("1",) * 8, "val")])
+    cohort = load_manifest(path, "radiograph")
+    frame = cohort.frame
+    assert frame["path"].tolist() == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.dcm"), str(tmp_path / "c.png")]
+    assert frame["sex"].tolist() == ["F", "F", "M"] and frame["split"].tolist() == ["train", "train", "validation"]
+    assert frame["age_group"].tolist() == ["30-59", "30-59", "80+"]
+    assert cohort.labels().tolist()[0] == [1, 0, 0, 0, 0, 0, 0, 0] and cohort.labels()[1, 7] == 1
+    assert cohort.labels()[2].sum() == 0  # "uncertain" everywhere is negative
+    assert frame["line"].tolist() == [2, 3, 4]
+    assert not cohort.synthetic
+    assert detect_modality(path) == "radiograph"
+
+
+@pytest.mark.parametrize("lines, fragment", [
+    ([HEADER.replace(",congestion", ""), "a.png,P1,F,50" + ",0" * 7], "missing column(s) congestion"),
+    ([HEADER, row("a.png", "P1", grades=("0", "bad") + ("0",) * 6)],
+     "line 2: unknown grade 'bad' for congestion; use 0–4 or one of: negative, uncertain, mild, moderate, severe"),
+    ([HEADER, row("a.png", "P1"), row("b.png", "P2", sex="X")], "line 3: unknown sex 'X'"),
+    ([HEADER, row("a.png", "P1", age="old")], "line 2: age 'old' is not a number"),
+    ([HEADER, row("a.png", "P1", age=130)], "line 2: age '130' is outside 0–120 years"),
+    ([HEADER, row("a.png", "")], "line 2: empty patient_id"),
+    ([HEADER, row("", "P1")], "line 2: empty image_path"),
+    ([HEADER, row("a.png", "P1"), row("a.png", "P2")], "line(s) 2, 3 name the same file"),
+    ([HEADER, row("a.png", "P1", "F"), row("b.png", "P1", "M")], "patient 'P1' has different sex values on lines [2, 3]"),
+    ([HEADER + ",split", row("a.png", "P1", split="train"), row("b.png", "P1", split="test")],
+     "patient 'P1' is in more than one split (line 2 → train, line 3 → test)"),
+    ([HEADER + ",split", row("a.png", "P1", split="holdout")], "line 2: unknown split 'holdout'"),
+    ([HEADER], "the manifest has no rows"),
+])
+def test_every_bad_manifest_is_refused_naming_file_and_line(tmp_path, lines, fragment):
+    path = write_csv(tmp_path, lines)
+    with pytest.raises(DataError) as info:
+        load_manifest(path, "radiograph")
+    assert str(info.value).startswith(str(path)) and fragment in str(info.value), str(info.value)
+
+
+def test_all_bad_rows_are_listed_together(tmp_path):
+    path = write_csv(tmp_path, [HEADER] + [row(f"{i}.png", f"P{i}", sex="?") for i in range(25)])
+    message = str(pytest.raises(DataError, load_manifest, path, "radiograph").value)
+    assert "25 invalid row(s)" in message and "line 2:" in message and "… and 5 more" in message
+
+
+def test_missing_manifest_file(tmp_path):
+    with pytest.raises(DataError, match="manifest not found"):
+        load_manifest(tmp_path / "none.csv", "radiograph")
+
+
+def synthetic_frame(n_patients=400, seed=0):
+    rng = np.random.default_rng(seed)
+    records = []
+    for p in range(n_patients):
+        for i in range(int(rng.integers(1, 5))):
+            records.append({"patient_id": f"P{p}", "path": f"{p}_{i}",
+                            **{f: int(rng.random() < prevalence) for f, prevalence in
+                               zip(L.FINDINGS, (0.45, 0.15, 0.12, 0.1, 0.08, 0.06, 0.04, 0.02))}})
+    return pd.DataFrame(records)
+
+
+def test_patient_wise_split_is_deterministic_leak_free_and_stratified():
+    frame = synthetic_frame()
+    split = patient_wise_split(frame, L.FINDINGS, (0.7, 0.1, 0.2), seed=7)
+    assert split.equals(patient_wise_split(frame, L.FINDINGS, (0.7, 0.1, 0.2), seed=7))
+    assert not split.equals(patient_wise_split(frame, L.FINDINGS, (0.7, 0.1, 0.2), seed=8))
+    assert (frame.assign(split=split).groupby("patient_id")["split"].nunique() == 1).all()
+    images = split.value_counts(normalize=True)
+    for name, fraction in zip(("train", "validation", "test"), (0.7, 0.1, 0.2)):
+        assert images[name] == pytest.approx(fraction, abs=0.03)
+        part = frame[split == name]
+        for finding in L.FINDINGS:
+            share = part[finding].sum() / frame[finding].sum()
+            # Every split gets close to its share of every finding's positives, the rarest included.
+            assert share == pytest.approx(fraction, abs=0.06 if frame[finding].sum() > 50 else 0.12), (name, finding)
+
+
+def test_manifest_without_split_column_is_split_patient_wise(synthetic_cohort):
+    cohort = load_manifest(synthetic_cohort["radiograph"], "radiograph", split_seed=1)
+    assert set(cohort.frame["split"]) == {"train", "validation", "test"}
+    assert (cohort.frame.groupby("patient_id")["split"].nunique() == 1).all()
+    assert cohort.synthetic
+
+
+def test_cohort_table_counts(synthetic_cohort):
+    cohort = load_manifest(synthetic_cohort["radiograph"], "radiograph")
+    table = cohort_table(cohort)
+    f = cohort.frame
+    assert table.loc["images", "total"] == len(f)
+    assert table.loc["patients", "train"] == f[f.split == "train"].patient_id.nunique()
+    assert table.loc["sex F", "test"] == ((f.split == "test") & (f.sex == "F")).sum()
+    assert table.loc["cardiomegaly positive", "total"] == f["cardiomegaly"].sum()
+    assert sum(table.loc[f"age {g}", "total"] for g in f["age_group"].unique()) == len(f)
+
+
+def test_ct_manifest_labels_and_age_quartiles(synthetic_cohort, tmp_path):
+    cohort = load_manifest(synthetic_cohort["volume"], "volume")
+    assert cohort.label_names == ("label",) and set(cohort.frame["label"]) <= {0, 1}
+    groups = cohort.frame["age_group"]
+    assert groups.str.match(r"^Q[1-4] ").all() and groups.nunique() <= 4
+    bad = write_csv(tmp_path, ["volume_path,patient_id,sex,age,label", "v.nii.gz,C1,F,60,maybe"], "ct.csv")
+    with pytest.raises(DataError, match="line 2: unknown label 'maybe'; use 0 or 1"):
+        load_manifest(bad, "volume")
+    assert detect_modality(bad) == "volume"

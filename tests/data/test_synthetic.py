@@ -1,0 +1,77 @@
+"""The synthetic cohort: labelled synthetic everywhere, deterministic, with visible, age-dependent findings."""
+
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from dpmedtf.data import labels as L
+from dpmedtf.data.manifests import load_manifest
+from dpmedtf.data.synthetic import NOTICE, SyntheticCohortSpec, draw_ct, draw_radiograph, write_synthetic_cohort
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cohort_is_deterministic_and_labelled_synthetic(tmp_path):
+    spec = SyntheticCohortSpec(patients=12, image_size=48, volumes=2, volume_shape=(16, 16, 8), seed=9)
+    first = write_synthetic_cohort(tmp_path / "a", spec)
+    write_synthetic_cohort(tmp_path / "b", spec)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert (tmp_path / "a" / "SYNTHETIC.txt").read_text().strip() == NOTICE
+    manifest = pd.read_csv(first["radiograph"])
+    assert (manifest["synthetic"] == True).all() and manifest["image_path"].str.contains("synthetic_").all()  # noqa: E712
+    with pytest.raises(FileExistsError):
+        write_synthetic_cohort(tmp_path / "a", spec)
+
+
+def test_cohort_has_png_dicom_both_photometrics_and_several_images_per_patient(synthetic_cohort):
+    cohort = load_manifest(synthetic_cohort["radiograph"], "radiograph")
+    assert cohort.synthetic
+    paths = cohort.frame["path"]
+    dicoms = [pydicom.dcmread(p) for p in paths if p.endswith(".dcm")]
+    assert paths.str.endswith(".png").any() and dicoms
+    assert {d.PhotometricInterpretation for d in dicoms} == {"MONOCHROME1", "MONOCHROME2"}
+    assert all(d.PatientName == "SYNTHETIC^DEMO" and "SYNTHETIC" in d.ImageComments for d in dicoms)
+    assert cohort.frame.groupby("patient_id").size().max() > 1
+    assert cohort.labels().sum(axis=0).min() > 0  # every finding occurs
+
+
+def test_demographics_follow_the_spec_on_a_larger_draw(tmp_path):
+    manifest = write_synthetic_cohort(tmp_path, SyntheticCohortSpec(patients=600, image_size=32, max_images_per_patient=1, seed=1))
+    frame = load_manifest(manifest["radiograph"], "radiograph").frame
+    assert (frame["sex"] == "F").mean() == pytest.approx(0.35, abs=0.05)
+    assert (frame["age_group"] == "70-79").mean() == pytest.approx(0.29, abs=0.05)
+    assert frame["cardiomegaly"].mean() == pytest.approx(0.45, abs=0.07)
+
+
+def right_base(image):
+    """Mean of the patient's right lung base (the image's lower left), where a right effusion sits."""
+    return image[int(0.62 * image.shape[0]):int(0.75 * image.shape[0]), int(0.18 * image.shape[1]):int(0.44 * image.shape[1])].mean()
+
+
+def test_findings_are_visible_at_their_grade_and_fade_with_age():
+    def effusion_signal(grade, age):
+        values = []
+        for seed in range(8):
+            grades = {f: 0 for f in L.FINDINGS}
+            grades["pleural_effusion_right"] = grade
+            image = draw_radiograph(np.random.default_rng(seed), 96, grades, age, "M")
+            values.append(right_base(image))
+        return np.mean(values)
+
+    young_none, young_severe, old_severe = effusion_signal(0, 30), effusion_signal(4, 30), effusion_signal(4, 90)
+    assert young_severe - young_none > 0.05  # the opacity is there, at the patient's right base
+    assert (old_severe - young_none) < 0.6 * (young_severe - young_none)  # and harder to see when old
+
+
+def test_ct_lesion_only_in_positive_cases(synthetic_cohort):
+    positive = draw_ct(np.random.default_rng(0), (40, 40, 20), 1, 50)
+    negative = draw_ct(np.random.default_rng(0), (40, 40, 20), 0, 50)
+    assert (positive < negative - 40).sum() > 20
+    frame = load_manifest(synthetic_cohort["volume"], "volume").frame
+    assert nib.load(frame.loc[0, "path"]).shape == (40, 40, 20)
