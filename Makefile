@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: test test-slow bench lock clean-venv
+.PHONY: test bench lock clean-venv
 
 # Re-installs only when the lock or the package metadata changed since the last install.
 $(STAMP): pyproject.toml constraints.txt
@@ -19,11 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow" tests
 
-test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -m slow tests
-
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/calibration.py
+	$(VENV)/bin/python benchmarks/data_pipeline.py
 
 # Deliberate re-resolution of the stack: a fresh venv from pyproject.toml, frozen into constraints.txt.
 lock:

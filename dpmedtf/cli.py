@@ -123,6 +123,15 @@ def config_keys() -> None:
 
 # --- data --------------------------------------------------------------------------------------------
 
+class DicomDecoder(str, Enum):
+    tensorflow_io = "tensorflow-io"
+    pydicom = "pydicom"
+
+
+_DICOM_DECODER = typer.Option(DicomDecoder.tensorflow_io, "--dicom-decoder",
+                              help="Library for DICOMs both can read; pydicom is faster on native CRs.")
+
+
 def _refuse_overwrite(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -132,6 +141,7 @@ def _refuse_overwrite(out: Path, force: bool) -> None:
 def preprocess_radiograph(source: Path = typer.Argument(..., help="PNG, JPEG or DICOM radiograph."),
                           out: Path = typer.Option(..., "--out", help="Output PNG (3-channel uint8)."),
                           image_size: int = typer.Option(512, "--image-size", min=32, help="Output side in pixels."),
+                          dicom_decoder: DicomDecoder = _DICOM_DECODER,
                           force: bool = typer.Option(False, "--force", help="Replace an existing output.")) -> None:
     """Decode, resize, min-max to uint8, equalise, expand to 3 channels; write the PNG the model sees."""
     import numpy as np
@@ -139,7 +149,7 @@ def preprocess_radiograph(source: Path = typer.Argument(..., help="PNG, JPEG or 
     from dpmedtf.data import radiograph
 
     _refuse_overwrite(out, force)
-    image = radiograph.preprocess_file(source, image_size)
+    image = radiograph.preprocess_file(source, image_size, dicom_decoder.value)
     radiograph.save_png(np.repeat(image[..., None], 3, axis=-1), out)
     typer.echo(f"wrote {out} ({image_size}×{image_size}×3 uint8; the model input is this / 255)")
 
@@ -182,6 +192,7 @@ def prepare(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest
             image_size: int = typer.Option(512, "--image-size", min=32, help="Radiograph side in pixels."),
             shape: tuple[int, int, int] = typer.Option((224, 224, 128), "--shape", help="CT H W D."),
             split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise split."),
+            dicom_decoder: DicomDecoder = _DICOM_DECODER,
             skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine unreadable files instead of stopping.")) -> None:
     """Check, decode and preprocess every file of a manifest into the cache; print the cohort table."""
     from dpmedtf.data import cache as data_cache
@@ -190,7 +201,8 @@ def prepare(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest
 
     modality = manifests.detect_modality(manifest)
     loaded = manifests.load_manifest(manifest, modality, split_seed=split_seed)
-    spec = data_cache.PreprocessSpec(modality, image_size=image_size, volume_shape=shape)
+    spec = data_cache.PreprocessSpec(modality, image_size=image_size, volume_shape=shape,
+                                     dicom_decoder=dicom_decoder.value)
     with progress_bar("preparing", len(loaded.frame)) as advance:
         prepared = data_cache.prepare(loaded, spec, cache, skip_bad=skip_bad, progress=advance)
     _print_cohort(prepared.cohort, manifests.cohort_table(prepared.cohort, prepared.quarantine), None)

@@ -45,10 +45,11 @@ class PreprocessSpec:
     image_size: int = radiograph.DEFAULT_IMAGE_SIZE
     volume_shape: tuple[int, int, int] = volume.DEFAULT_VOLUME_SHAPE
     hu_window: tuple[float, float] = volume.DEFAULT_HU_WINDOW
+    dicom_decoder: str = "tensorflow-io"
 
     def as_dict(self) -> dict:
         if self.modality == "radiograph":
-            return {"modality": "radiograph", "image_size": self.image_size, "steps": [
+            return {"modality": "radiograph", "image_size": self.image_size, "dicom_decoder": self.dicom_decoder, "steps": [
                 "decode (air dark)", f"resize {self.image_size}x{self.image_size} bilinear antialiased",
                 "min-max to uint8", "histogram equalisation", "3 channels", "scale to [0, 1]"]}
         return {"modality": "volume", "volume_shape_hwd": list(self.volume_shape), "hu_window": list(self.hu_window),
@@ -158,7 +159,7 @@ def _prepare_radiographs(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray
     infos = {}
     for position, index in enumerate(cohort.frame.index):  # header-only checks, before any decoding
         try:
-            infos[position] = radiograph.inspect_radiograph(cohort.frame.loc[index, "path"])
+            infos[position] = radiograph.inspect_radiograph(cohort.frame.loc[index, "path"], spec.dicom_decoder)
         except DataError as exc:
             _fail(cohort, index, str(exc), failed, skip_bad)
     todo = sorted(infos)

@@ -67,8 +67,10 @@ def test_every_decoder_path_gives_the_same_image(real_cr):
     # JPEG 2000 lossless copy of the same radiograph (tensorflow-io decodes it).
     j2k = get_testdata_file("RG1_J2KR.dcm")
     np.testing.assert_array_equal(R.preprocess_file(j2k), tfio_image)
-    # pydicom's decoder with its own MONOCHROME1 inversion.
-    pydicom_image = R.preprocess(tf.constant(R.decode_with_pydicom(str(real_cr))), 512).numpy()
+    # pydicom's decoder with its own MONOCHROME1 inversion, chosen explicitly.
+    assert R.inspect_radiograph(real_cr, "pydicom").decoder == R.DECODER_PYDICOM
+    assert R.inspect_radiograph(get_testdata_file("JPEG-LL.dcm"), "pydicom").decoder == R.DECODER_TFIO_DICOM
+    pydicom_image = R.preprocess_file(real_cr, 512, dicom_decoder="pydicom")
     difference = np.abs(pydicom_image.astype(int) - tfio_image)
     assert difference.mean() < 0.05 and difference.max() <= 12
 
