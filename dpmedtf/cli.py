@@ -226,6 +226,29 @@ def synthetic(out: Path = typer.Option(..., "--out", help="Directory for the syn
     typer.echo(NOTICE)
 
 
+# --- training ----------------------------------------------------------------------------------------
+
+@app.command("train")
+def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config keys`)."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<job name>)."),
+          force: bool = typer.Option(False, "--force", help="Train again even if a finished model exists.")) -> None:
+    """Train one job (DP-SGD or non-private, or an ε sweep); resumes from its last checkpoint."""
+    from dpmedtf.config import load_config
+    from dpmedtf.progress import progress_bar
+    from dpmedtf.training.job import prepare_data, sweep_members
+    from dpmedtf.training.trainer import train as train_one
+
+    job = load_config(config)
+    out = out or Path("runs") / job.name
+    with progress_bar("preparing data", 1) as advance:
+        prepared = prepare_data(job, out, progress=advance)
+    for name, member in sweep_members(job):
+        result = train_one(member, prepared, out / name if name else out, force=force)
+        privacy = (f"ε = {result.ledger.epsilon():.4g} at δ = {result.plan.delta:g}" if result.ledger is not None
+                   else "non-private")
+        typer.echo(f"{result.model_path} ({result.steps} steps, {privacy})")
+
+
 def _print_cohort(loaded, table, out: Optional[Path]) -> None:
     title = f"cohort {loaded.source} ({loaded.modality})"
     if loaded.synthetic:

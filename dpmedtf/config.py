@@ -52,6 +52,7 @@ class ModelConfig:
     groups: int = option(32, "GroupNorm groups", ge=1)
     scale_norm: bool = option(False, "GroupNorm after each residual add (Klause et al. 2022)")
     pretrained_weights: Optional[Path] = option(None, "weights to start from (e.g. non-private pretraining on a public cohort)")
+    pretrained_on: Optional[str] = option(None, "the public data the pretrained weights were trained on (stated in the certificate)")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ class PrivacyConfig:
     clip_norm: float = option(1.5, "per-example gradient clip norm C (paper: 1.5 CXR, 1.0 PDAC)", gt=0.0)
     accountant: Literal["rdp", "pld"] = option("rdp", "privacy accountant")
     unit: Literal["image", "patient"] = option("image", "unit of privacy: one image (paper) or one patient")
+    max_images_per_patient: int = option(1, "patient unit: images a sampled patient contributes per step (each clipped to C/k)", ge=1)
+    epsilon_budget: Optional[float] = option(None, "ε the run may never exceed (default: target_epsilon)", gt=0.0)
+    noise_seed: Optional[int] = option(None, "seed of the DP noise; leave unset (OS entropy) for real releases", ge=0)
+    epsilon_sweep: Optional[tuple[float, ...]] = option(None, "train one model per ε (e.g. the paper's 0.29 … 7.89) with otherwise shared settings", gt=0.0)
+    sweep_non_private: bool = option(False, "with epsilon_sweep: also train the non-private baseline")
     allow_large_delta: bool = option(False, "accept δ ≥ 1/N (permits leaking a whole record; recorded in the certificate)")
 
 
@@ -77,6 +83,8 @@ class TrainingConfig:
     augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip; default on without DP, off with DP (paper)")
     class_weights: Literal["inverse_frequency", "none"] = option("inverse_frequency", "BCE weighting (inverse class frequency uses training labels outside DP; the certificate states it)")
     seed: int = option(0, "seed of initialisation and sampling", ge=0)
+    checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: at each epoch end only)", ge=0)
+    stop_at_budget: bool = option(False, "if the plan would exceed the ε budget, train only the steps that fit instead of refusing")
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,10 @@ def _convert(value: Any, tp: Any, key_path: str, ctx: _Context, bounds: dict | N
         if value not in args:
             raise ctx.fail(key_path, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ctx.fail(key_path, f"must be a non-empty list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key_path}[{i}]", ctx, bounds) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ctx.fail(key_path, f"must be a list of {len(args)} values, got {value!r}")
@@ -209,7 +221,11 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
     """Fills regime-dependent defaults (paper: DP vs non-DP) and checks cross-field rules."""
     ctx = _Context(source, None)
     dp = job.privacy.enabled
-    if dp and (job.privacy.target_epsilon is None) == (job.privacy.noise_multiplier is None):
+    if job.privacy.epsilon_sweep:
+        if job.privacy.target_epsilon is not None or job.privacy.noise_multiplier is not None or not dp:
+            raise ctx.fail("privacy", "epsilon_sweep sets each run's target_epsilon: remove target_epsilon/"
+                                      "noise_multiplier and keep enabled: true")
+    elif dp and (job.privacy.target_epsilon is None) == (job.privacy.noise_multiplier is None):
         raise ctx.fail("privacy", "give exactly one of target_epsilon (σ is calibrated to it) or "
                                   "noise_multiplier, or set enabled: false for a non-private run")
     if not dp and (job.privacy.target_epsilon is not None or job.privacy.noise_multiplier is not None):
@@ -219,6 +235,8 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
         raise ctx.fail("data.split_fractions", f"must sum to 1, got {job.data.split_fractions}")
     if job.data.hu_window[0] >= job.data.hu_window[1]:
         raise ctx.fail("data.hu_window", f"low must be below high, got {job.data.hu_window}")
+    if job.privacy.epsilon_sweep:
+        return job  # each run of the sweep is resolved for its own regime (training.job.sweep_members)
     return dataclasses.replace(
         job,
         model=dataclasses.replace(job.model, activation=job.model.activation or ("mish" if dp else "relu")),

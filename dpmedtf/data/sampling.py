@@ -102,3 +102,45 @@ class ShuffledBatches:
     def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
         for step in range(start_step, self.steps):
             yield from split_into_chunks(step, self.indices(step), max_physical_batch)
+
+
+@dataclass(frozen=True)
+class PatientPoissonSampler:
+    """Patient-level Poisson sampling: each *patient* joins a step with probability q = B / P and then
+    contributes up to ``max_images_per_patient`` (k) of their images, drawn at random. With every image
+    clipped to C/k a patient's total contribution to a step is at most C, so the guarantee protects
+    whole patients: N = P patients, sensitivity C."""
+
+    patient_of_example: tuple
+    """Patient ID of each example (training row), in example order."""
+    batch_size: int
+    """Expected patients per step."""
+    steps: int
+    seed: int = 0
+    max_images_per_patient: int = 1
+
+    def __post_init__(self):
+        codes = np.unique(np.asarray(self.patient_of_example), return_inverse=True)[1]
+        object.__setattr__(self, "_images_of", [np.flatnonzero(codes == p) for p in range(codes.max() + 1)])
+        if not 1 <= self.batch_size <= self.dataset_size:
+            raise ValueError(f"batch size {self.batch_size} must be between 1 and the {self.dataset_size} patients")
+
+    @property
+    def dataset_size(self) -> int:
+        return len(set(self.patient_of_example))
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+    def indices(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        count = rng.binomial(self.dataset_size, self.sampling_rate)
+        patients = rng.choice(self.dataset_size, size=count, replace=False)
+        chosen = [rng.choice(self._images_of[p], size=min(self.max_images_per_patient, len(self._images_of[p])),
+                             replace=False) for p in np.sort(patients)]
+        return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
+
+    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
+        for step in range(start_step, self.steps):
+            yield from split_into_chunks(step, self.indices(step), max_physical_batch)

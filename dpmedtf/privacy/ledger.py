@@ -1,0 +1,153 @@
+"""The privacy ledger: what training actually did, step by step, and the ε it has spent.
+
+Every DP step is recorded with its sampling rate q, noise multiplier σ and clip norm C. Runs of
+identical steps are stored as one segment (a 180k-step run is a handful of lines, not 180k), which
+is still a record of every step: the ledger's DpEvent is the composition of its segments, and ε is
+always recomputed from that event, never carried forward. The certificate is built from this file.
+
+The ledger also states what the guarantee is about (unit of privacy, neighbouring relation, N, δ)
+and every use of private data outside DP-SGD (class weights from training labels, thresholds chosen
+on validation data, hyperparameters), so the certificate can state them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+
+from dpmedtf.privacy import accounting
+
+LEDGER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``steps`` consecutive DP-SGD steps with the same parameters."""
+
+    steps: int
+    sampling_rate: float
+    noise_multiplier: float
+    clip_norm: float
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        return accounting.dp_sgd_event(self.sampling_rate, self.noise_multiplier, self.steps)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    dataset_size: int
+    """N: records the sampler draws from (images, or patients for patient-level privacy)."""
+    batch_size: int
+    """Expected logical batch size (records per step)."""
+    delta: float
+    accountant: str
+    unit_of_privacy: str
+    """'image' or 'patient': what one record is, i.e. what the guarantee protects."""
+    epsilon_budget: float | None = None
+    """The run stops (or refuses to start) rather than spend more than this."""
+    segments: tuple[Segment, ...] = ()
+    non_dp_uses: tuple[dict, ...] = ()
+    """Uses of the private data outside DP-SGD, each {'what', 'how', 'private_data_used'}."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """Facts the certificate repeats: images per patient bound, pretraining data, noise RNG, …"""
+
+    @property
+    def steps(self) -> int:
+        return sum(s.steps for s in self.segments)
+
+    def record(self, steps: int, sampling_rate: float, noise_multiplier: float, clip_norm: float) -> "Ledger":
+        """The ledger after ``steps`` more steps with these parameters."""
+        if steps <= 0:
+            return self
+        segment = Segment(steps, sampling_rate, noise_multiplier, clip_norm)
+        last = self.segments[-1] if self.segments else None
+        if last and (last.sampling_rate, last.noise_multiplier, last.clip_norm) == (sampling_rate, noise_multiplier, clip_norm):
+            return replace(self, segments=(*self.segments[:-1], replace(last, steps=last.steps + steps)))
+        return replace(self, segments=(*self.segments, segment))
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        if not self.segments:
+            return dp_accounting.NoOpDpEvent()
+        if len(self.segments) == 1:
+            return self.segments[0].dp_event()
+        return dp_accounting.ComposedDpEvent([s.dp_event() for s in self.segments])
+
+    def epsilon(self, extra_steps: int = 0, sampling_rate: float | None = None,
+                noise_multiplier: float | None = None) -> float:
+        """ε spent at δ, optionally after ``extra_steps`` more steps (for budget checks)."""
+        ledger = self
+        if extra_steps:
+            last = self.segments[-1] if self.segments else None
+            ledger = self.record(extra_steps, sampling_rate if sampling_rate is not None else last.sampling_rate,
+                                 noise_multiplier if noise_multiplier is not None else last.noise_multiplier,
+                                 last.clip_norm if last else 0.0)
+        if not ledger.segments:
+            return 0.0
+        return accounting.epsilon_of_event(ledger.dp_event(), self.delta, self.accountant)[0]
+
+    def max_steps_within_budget(self, planned_steps: int, sampling_rate: float, noise_multiplier: float) -> int:
+        """How many of ``planned_steps`` further steps fit in the budget (all of them if no budget)."""
+        if self.epsilon_budget is None or self.epsilon(planned_steps, sampling_rate, noise_multiplier) <= self.epsilon_budget:
+            return planned_steps
+        low, high = 0, planned_steps  # ε grows with steps: the largest feasible count by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self.epsilon(middle, sampling_rate, noise_multiplier) <= self.epsilon_budget:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def with_non_dp_use(self, what: str, how: str, private_data_used: bool) -> "Ledger":
+        use = {"what": what, "how": how, "private_data_used": private_data_used}
+        kept = tuple(u for u in self.non_dp_uses if u["what"] != what)
+        return replace(self, non_dp_uses=(*kept, use))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["segments"] = [asdict(s) for s in self.segments]
+        data["non_dp_uses"] = list(self.non_dp_uses)
+        data.update({"format": LEDGER_FORMAT, "steps": self.steps, "epsilon": self.epsilon(),
+                     "sampling": accounting.SAMPLING, "neighboring_relation": accounting.NEIGHBORING_RELATION,
+                     "dp_event": accounting.dp_event_to_json(self.dp_event())})
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "Ledger":
+        if data.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"unsupported ledger format {data.get('format')!r}")
+        return cls(dataset_size=data["dataset_size"], batch_size=data["batch_size"], delta=data["delta"],
+                   accountant=data["accountant"], unit_of_privacy=data["unit_of_privacy"],
+                   epsilon_budget=data.get("epsilon_budget"),
+                   segments=tuple(Segment(**s) for s in data["segments"]),
+                   non_dp_uses=tuple(data.get("non_dp_uses", ())), notes=dict(data.get("notes", {})))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomic: written beside the target and renamed over it, so a crash never leaves half a ledger."""
+        return write_json_atomic(path, self.to_json_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Ledger":
+        return cls.from_json_dict(json.loads(Path(path).read_text()))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(data, stream, indent=2)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,485 @@
+"""Training on Keras ``fit``: DP-SGD (Poisson sampling, per-example clipping, calibrated Gaussian noise,
+privacy ledger) or the non-private baseline, with resumable atomic checkpoints.
+
+One dataset element is one physical chunk of a logical step (see ``data.sampling``); ``train_step``
+accumulates chunks and applies one update when a step's last chunk arrives. The numbers the
+accountant uses — N, expected batch B, q = B/N, steps, σ, C — are computed once in ``plan_training``
+and handed unchanged to the sampler, the step and the ledger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from dpmedtf.config import JobConfig, config_to_dict
+from dpmedtf.data.cache import PreparedData
+from dpmedtf.data.pipeline import split_rows, training_dataset
+from dpmedtf.data.sampling import PatientPoissonSampler, PoissonSampler, ShuffledBatches
+from dpmedtf.errors import DpmedtfError
+from dpmedtf.models import build_resnet9, convert_to_acs, load_model, validate_for_dp
+from dpmedtf.privacy import accounting
+from dpmedtf.privacy.ledger import Ledger, write_json_atomic
+from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
+from dpmedtf.training.losses import inverse_frequency_weights, weighted_bce_per_example
+
+
+class BudgetExceededError(DpmedtfError):
+    """The planned training would spend more ε than its budget."""
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The resolved numbers every part of a run agrees on."""
+
+    dp: bool
+    dataset_size: int
+    """N: training records the sampler draws from (images, or patients)."""
+    batch_size: int
+    """Expected logical batch size B (records per step)."""
+    steps: int
+    """Total planned optimizer steps."""
+    steps_per_epoch: int
+    noise_multiplier: float | None
+    clip_norm: float | None
+    example_clip_norm: float | None
+    """Clip norm per image: C, or C/k when a patient contributes up to k images per step."""
+    max_images_per_patient: int
+    unit_of_privacy: str
+    delta: float | None
+    accountant: str | None
+    epsilon_budget: float | None
+    planned_epsilon: float | None
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.batch_size / self.dataset_size
+
+
+def plan_training(config: JobConfig, prepared: PreparedData) -> TrainingPlan:
+    """N, B, steps and (for DP) σ calibrated so that the target ε is reached exactly at the last step."""
+    train = prepared.cohort.frame.loc[split_rows(prepared, "train")]
+    privacy, training = config.privacy, config.training
+    patient_unit = privacy.enabled and privacy.unit == "patient"
+    dataset_size = train["patient_id"].nunique() if patient_unit else len(train)
+    batch_size = training.batch_size
+    if batch_size > dataset_size:
+        raise DpmedtfError(f"training.batch_size {batch_size} exceeds the {dataset_size} training "
+                           f"{'patients' if patient_unit else 'images'}; lower it")
+    steps = training.steps or accounting.steps_for_epochs(dataset_size, batch_size, training.epochs)
+    steps_per_epoch = max(1, math.ceil(dataset_size / batch_size))
+    if not privacy.enabled:
+        return TrainingPlan(False, dataset_size, batch_size, steps, steps_per_epoch, None, None, None, 1,
+                            "none", None, None, None, None)
+    accounting.check_delta(privacy.delta, dataset_size, privacy.allow_large_delta)
+    if privacy.target_epsilon is not None:
+        calibration = accounting.calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, dataset_size,
+                                                            batch_size, steps, privacy.accountant,
+                                                            allow_large_delta=privacy.allow_large_delta)
+        sigma, planned = calibration.accounting.schedule.noise_multiplier, calibration.accounting.epsilon
+        budget = privacy.epsilon_budget if privacy.epsilon_budget is not None else privacy.target_epsilon
+    else:
+        sigma = privacy.noise_multiplier
+        planned = accounting.compute_epsilon(accounting.DpSgdSchedule(dataset_size, batch_size, steps, sigma),
+                                             privacy.delta, privacy.accountant, privacy.allow_large_delta).epsilon
+        budget = privacy.epsilon_budget
+    k = privacy.max_images_per_patient if patient_unit else 1
+    return TrainingPlan(True, dataset_size, batch_size, steps, steps_per_epoch, float(sigma), privacy.clip_norm,
+                        privacy.clip_norm / k, k, privacy.unit, privacy.delta, privacy.accountant, budget, planned)
+
+
+class _StepModel(tf.keras.Model):
+    """The network plus one logical DP-SGD (or SGD) step assembled from physical chunks."""
+
+    def __init__(self, network: tf.keras.Model, plan: TrainingPlan, optimizer, positive_weight, negative_weight,
+                 noise_seed: int):
+        super().__init__()
+        self.network, self.plan = network, plan
+        self.positive_weight = tf.constant(positive_weight)
+        self.negative_weight = tf.constant(negative_weight)
+        variables = network.trainable_variables
+        self.accumulators = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
+        self.accumulated_examples = tf.Variable(0.0, trainable=False)
+        self.noise = tf.random.Generator.from_seed(noise_seed)
+        self.step_optimizer = optimizer
+        optimizer._create_all_weights(variables)  # slots exist before the conditional update is traced
+        self.loss_tracker = tf.keras.metrics.Mean(name="loss")
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def train_step(self, data):
+        images, labels = data["images"], data["labels"]
+        count = tf.shape(images)[0]
+        variables = self.network.trainable_variables
+
+        def chunk_gradient_sum():
+            with tf.GradientTape() as tape:
+                losses = weighted_bce_per_example(labels, self.network(images, training=True),
+                                                  self.positive_weight, self.negative_weight)
+            if self.plan.dp:
+                sums = clipped_gradient_sum(self.step_optimizer, losses, variables, tape)
+            else:
+                sums = tape.gradient(tf.reduce_sum(losses), variables)
+            return [tf.convert_to_tensor(s) for s in sums], tf.reduce_sum(losses)
+
+        def empty_chunk():  # an empty Poisson batch: nothing to add, the step still happens
+            return [tf.zeros_like(v) for v in variables], tf.constant(0.0)
+
+        sums, loss_sum = tf.cond(count > 0, chunk_gradient_sum, empty_chunk)
+        for accumulator, total in zip(self.accumulators, sums):
+            accumulator.assign_add(total)
+        self.accumulated_examples.assign_add(tf.cast(count, tf.float32))
+        tf.cond(data["chunk"] == data["chunks_in_step"] - 1, self._apply_step, lambda: tf.constant(False))
+        self.loss_tracker.update_state(tf.math.divide_no_nan(loss_sum, tf.cast(count, tf.float32)),
+                                       sample_weight=tf.cast(count, tf.float32))
+        return {"loss": self.loss_tracker.result()}
+
+    def _apply_step(self):
+        variables = self.network.trainable_variables
+        if self.plan.dp:
+            gradients = noised_mean(self.accumulators, self.plan.noise_multiplier * self.plan.clip_norm,
+                                    float(self.plan.batch_size * self.plan.max_images_per_patient), self.noise)
+        else:  # the mean loss gradient over the step's examples
+            gradients = [a / tf.maximum(self.accumulated_examples, 1.0) for a in self.accumulators]
+        self.step_optimizer.apply_gradients(zip(gradients, variables))
+        for accumulator in self.accumulators:
+            accumulator.assign(tf.zeros_like(accumulator))
+        self.accumulated_examples.assign(0.0)
+        return tf.constant(True)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def _checkpoint(model: _StepModel) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(network=model.network, optimizer=model.step_optimizer, noise=model.noise)
+
+
+def save_checkpoint(directory: Path, model: _StepModel, step: int, ledger: Ledger | None, keep: int = 2) -> Path:
+    """Atomically: model, optimizer, noise generator, sampler position (the next step) and ledger."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:09d}"
+    staging = directory / f".staging-{step:09d}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    _checkpoint(model).write(str(staging / "state"))
+    if ledger is not None:
+        ledger.save(staging / "ledger.json")
+    (staging / "position.json").write_text(json.dumps({"next_step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    write_json_atomic(directory / "latest.json", {"checkpoint": final.name, "next_step": step})
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = directory / "latest.json"
+    if not pointer.is_file():
+        return None
+    return directory / json.loads(pointer.read_text())["checkpoint"]
+
+
+class _Checkpointing(tf.keras.callbacks.Callback):
+    """Checkpoints every ``every`` steps and at each epoch end; logs ε spent to TensorBoard and stdout."""
+
+    def __init__(self, run: "_Run"):
+        super().__init__()
+        self.run = run
+        self.last_saved = run.start_step
+        self.writer = tf.summary.create_file_writer(str(run.out_dir / "tensorboard" / "privacy"))
+        self.epoch_started = time.monotonic()
+
+    def _steps_done(self) -> int:
+        return int(self.run.model.step_optimizer.iterations.numpy())
+
+    def _save(self):
+        steps = self._steps_done()
+        if steps == self.last_saved:
+            return
+        self.run.ledger = self.run.ledger_after(steps)
+        save_checkpoint(self.run.checkpoint_dir, self.run.model, steps, self.run.ledger)
+        self.last_saved = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = self._steps_done()
+        every = self.run.config.training.checkpoint_every_steps
+        if every and steps != self.last_saved and steps % every == 0:
+            self._save()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save()
+        steps = self._steps_done()
+        self.run.cursor = steps
+        epsilon = self.run.ledger.epsilon() if self.run.ledger is not None else None
+        with self.writer.as_default():
+            if epsilon is not None:
+                tf.summary.scalar("privacy/epsilon", epsilon, step=steps)
+            tf.summary.scalar("train/loss", (logs or {}).get("loss", float("nan")), step=steps)
+        self.writer.flush()
+        elapsed = time.monotonic() - self.epoch_started
+        remaining = self.run.stop_step - steps
+        eta = elapsed / max(1, steps - self.run.epoch_start(epoch)) * remaining if steps > self.run.epoch_start(epoch) else 0
+        privacy = f", ε spent {epsilon:.3f} of {self.run.plan.epsilon_budget:.3g} (δ={self.run.plan.delta:g})" \
+            if epsilon is not None and self.run.plan.epsilon_budget is not None else (
+                f", ε spent {epsilon:.3f}" if epsilon is not None else "")
+        print(f"epoch {epoch + 1}/{self.run.epochs}: step {steps}/{self.run.stop_step}, loss {(logs or {}).get('loss', float('nan')):.4f}"
+              f"{privacy}, {elapsed:.1f} s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+@dataclass
+class _Run:
+    config: JobConfig
+    plan: TrainingPlan
+    prepared: PreparedData
+    out_dir: Path
+    model: _StepModel
+    ledger: Ledger | None
+    ledger_at_start: Ledger | None
+    start_step: int
+    stop_step: int
+    cursor: int
+    sampler: object
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.stop_step / self.plan.steps_per_epoch)
+
+    def epoch_start(self, epoch: int) -> int:
+        return epoch * self.plan.steps_per_epoch
+
+    def ledger_after(self, steps_done: int) -> Ledger | None:
+        if self.ledger_at_start is None:
+            return None
+        return self.ledger_at_start.record(steps_done - self.start_step, self.plan.sampling_rate,
+                                           self.plan.noise_multiplier, self.plan.clip_norm)
+
+    def epoch_chunks(self):
+        """The chunks of the epoch the cursor is in; Keras asks for a fresh iterator every epoch."""
+        start = self.cursor
+        end = min(self.stop_step, (start // self.plan.steps_per_epoch + 1) * self.plan.steps_per_epoch)
+        for chunk in self.sampler.chunks(self.config.training.max_physical_batch, start_step=start):
+            if chunk.step >= end:
+                return
+            yield chunk
+
+
+class _EpochChunks:
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def __iter__(self):
+        return self.run.epoch_chunks()
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    out_dir: Path
+    model_path: Path
+    plan: TrainingPlan
+    ledger: Ledger | None
+    steps: int
+    seconds: float
+
+
+def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike, force: bool = False) -> TrainingResult:
+    """Trains (or resumes) one job into ``out_dir``; refuses to overwrite a finished model."""
+    out_dir = Path(out_dir)
+    model_path = out_dir / "model.keras"
+    if model_path.exists() and not force:
+        raise DpmedtfError(f"{model_path} already exists: this training finished. Use another output directory "
+                           "or --force to train again")
+    if force:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        model_path.unlink(missing_ok=True)
+    plan = plan_training(config, prepared)
+    train_rows = split_rows(prepared, "train")
+    train_frame = prepared.cohort.frame.loc[train_rows]
+    labels = prepared.cohort.labels(train_frame)
+    tf.keras.utils.set_random_seed(config.training.seed)
+
+    network = _build_network(config, prepared, labels.shape[1])
+    if plan.dp:
+        validate_for_dp(network)
+        optimizer = make_dp_nadam(config.training.learning_rate, plan.example_clip_norm)
+    else:
+        optimizer = tf.keras.optimizers.legacy.Nadam(config.training.learning_rate)
+    if config.training.class_weights == "inverse_frequency":
+        positive_weight, negative_weight = inverse_frequency_weights(labels)
+    else:
+        positive_weight = negative_weight = np.ones(labels.shape[1], np.float32)
+    # Noise must be unpredictable to anyone without the (private) checkpoint: seed from OS entropy
+    # unless a seed is given for reproducible experiments; the seed lives only in the checkpoint.
+    noise_seed = config.privacy.noise_seed if config.privacy.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    model = _StepModel(network, plan, optimizer, positive_weight, negative_weight, noise_seed)
+    model.compile(run_eagerly=False)
+
+    ledger = _initial_ledger(config, plan, prepared) if plan.dp else None
+    start_step = 0
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    if checkpoint is not None:
+        start_step, ledger = _resume(checkpoint, model, plan, ledger, out_dir)
+    stop_step = plan.steps
+    if plan.dp and plan.epsilon_budget is not None:
+        fits = ledger.max_steps_within_budget(plan.steps - start_step, plan.sampling_rate, plan.noise_multiplier)
+        if fits < plan.steps - start_step:
+            message = (f"the plan's {plan.steps} steps would spend ε = {plan.planned_epsilon:.4g} > budget "
+                       f"{plan.epsilon_budget:g}; only {start_step + fits} steps fit")
+            if not config.training.stop_at_budget:
+                raise BudgetExceededError(message + ". Lower epochs/steps, raise noise, or set "
+                                          "training.stop_at_budget: true to stop there")
+            print(f"note: {message}; training stops at step {start_step + fits}", file=sys.stderr)
+            stop_step = start_step + fits
+
+    sampler = _make_sampler(config, plan, train_frame)
+    run = _Run(config, plan, prepared, out_dir, model, ledger, ledger, start_step, stop_step, start_step, sampler)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "training.json", {
+        "config": config_to_dict(config), "plan": dataclasses.asdict(plan), "synthetic_data": prepared.cohort.synthetic,
+        "preprocessing": prepared.spec.as_dict(), "status": "running"})
+    volume_channels = int(network.input_shape[-1]) if prepared.spec.modality == "volume" else 1
+    dataset = training_dataset(prepared, "train", _EpochChunks(run), augment=bool(config.training.augment),
+                               seed=config.training.seed, volume_channels=volume_channels)
+    started = time.monotonic()
+    if stop_step > start_step:
+        print(_plan_summary(plan, start_step, stop_step, prepared), file=sys.stderr, flush=True)
+        model.fit(dataset, epochs=run.epochs, initial_epoch=start_step // plan.steps_per_epoch, verbose=0,
+                  callbacks=[_Checkpointing(run),
+                             tf.keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), update_freq="epoch")])
+    steps_done = int(model.step_optimizer.iterations.numpy())
+    if steps_done != stop_step:
+        raise DpmedtfError(f"training ended at step {steps_done}, expected {stop_step}; the data pipeline "
+                           "delivered fewer steps than planned")
+    run.ledger = run.ledger_after(steps_done)
+    if run.ledger is not None:
+        run.ledger.save(out_dir / "ledger.json")
+    network.save(model_path)
+    summary = {"config": config_to_dict(config), "plan": dataclasses.asdict(plan), "steps": steps_done,
+               "stopped_at_budget": stop_step < plan.steps, "synthetic_data": prepared.cohort.synthetic,
+               "preprocessing": prepared.spec.as_dict(), "status": "finished",
+               "epsilon": run.ledger.epsilon() if run.ledger is not None else None,
+               "seconds_this_session": time.monotonic() - started}
+    write_json_atomic(out_dir / "training.json", summary)
+    return TrainingResult(out_dir, model_path, plan, run.ledger, steps_done, time.monotonic() - started)
+
+
+def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedData) -> str:
+    what = "DP-SGD" if plan.dp else "non-private training"
+    text = (f"{what}: N = {plan.dataset_size} {'patients' if plan.unit_of_privacy == 'patient' else 'images'}, "
+            f"B = {plan.batch_size} (q = {plan.sampling_rate:.4g}), steps {start}→{stop} of {plan.steps}")
+    if plan.dp:
+        text += (f", σ = {plan.noise_multiplier:.5g}, C = {plan.clip_norm:g}, planned ε = {plan.planned_epsilon:.4g} "
+                 f"at δ = {plan.delta:g} ({plan.accountant})")
+    if prepared.cohort.synthetic:
+        text += " — on SYNTHETIC data"
+    return text
+
+
+def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData) -> Ledger:
+    ledger = Ledger(plan.dataset_size, plan.batch_size, plan.delta, plan.accountant, plan.unit_of_privacy,
+                    plan.epsilon_budget, notes={
+                        "noise_rng": "tf.random.Generator (Philox), seeded from OS entropy" if config.privacy.noise_seed is None
+                        else f"tf.random.Generator (Philox), fixed seed {config.privacy.noise_seed} (reproducible experiments only)",
+                        "normalisation": "noised clipped sum divided by the expected batch size",
+                        "max_images_per_patient_per_step": plan.max_images_per_patient if plan.unit_of_privacy == "patient" else None,
+                        "images_per_patient_max": int(prepared.cohort.frame.loc[split_rows(prepared, "train")]
+                                                      .groupby("patient_id").size().max()),
+                        "allow_large_delta": config.privacy.allow_large_delta,
+                        "pretrained_weights": str(config.model.pretrained_weights) if config.model.pretrained_weights else None,
+                        "pretrained_on": config.model.pretrained_on,
+                        "synthetic_data": prepared.cohort.synthetic})
+    if config.training.class_weights == "inverse_frequency":
+        ledger = ledger.with_non_dp_use("class weights", "inverse class frequencies counted on the training labels",
+                                        private_data_used=True)
+    return ledger
+
+
+def _resume(checkpoint: Path, model: _StepModel, plan: TrainingPlan, fresh_ledger: Ledger | None,
+            out_dir: Path) -> tuple[int, Ledger | None]:
+    _checkpoint(model).read(str(checkpoint / "state")).assert_existing_objects_matched()
+    step = json.loads((checkpoint / "position.json").read_text())["next_step"]
+    ledger = Ledger.load(checkpoint / "ledger.json") if (checkpoint / "ledger.json").is_file() else None
+    if plan.dp:
+        if ledger is None:
+            raise DpmedtfError(f"{checkpoint} has no privacy ledger: it is not a checkpoint of this DP run")
+        same = (ledger.dataset_size, ledger.batch_size, ledger.delta, ledger.unit_of_privacy) == (
+            fresh_ledger.dataset_size, fresh_ledger.batch_size, fresh_ledger.delta, fresh_ledger.unit_of_privacy)
+        segment = ledger.segments[-1] if ledger.segments else None
+        if not same or (segment and (segment.noise_multiplier, segment.clip_norm, segment.sampling_rate) != (
+                plan.noise_multiplier, plan.clip_norm, plan.sampling_rate)):
+            raise DpmedtfError(f"{checkpoint} was made with different privacy settings than this config; use a "
+                               f"new output directory or --force to start over (the old run's ε stays spent)")
+        if ledger.steps != step:
+            raise DpmedtfError(f"{checkpoint}: ledger records {ledger.steps} steps but the model is at {step}")
+    print(f"resuming {out_dir} at step {step}" + (f" (ε spent so far {ledger.epsilon():.4g})" if ledger else ""),
+          file=sys.stderr, flush=True)
+    return step, ledger
+
+
+def _make_sampler(config: JobConfig, plan: TrainingPlan, train_frame):
+    seed = config.training.seed
+    if not plan.dp:
+        return ShuffledBatches(plan.dataset_size, plan.batch_size, plan.steps, seed)
+    if plan.unit_of_privacy == "patient":
+        return PatientPoissonSampler(tuple(train_frame["patient_id"]), plan.batch_size, plan.steps, seed,
+                                     plan.max_images_per_patient)
+    return PoissonSampler(plan.dataset_size, plan.batch_size, plan.steps, seed)
+
+
+def _build_network(config: JobConfig, prepared: PreparedData, num_outputs: int) -> tf.keras.Model:
+    model_config = config.model
+    pretrained = load_model(model_config.pretrained_weights) if model_config.pretrained_weights else None
+    if prepared.spec.modality == "radiograph":
+        size = prepared.spec.image_size
+        network = build_resnet9((size, size, 3), num_outputs, activation=model_config.activation,
+                                groups=model_config.groups, scale_norm=model_config.scale_norm)
+        if pretrained is not None:
+            _copy_matching_weights(pretrained, network)
+        return network
+    depth, height, width = prepared.spec.item_shape
+    if pretrained is not None and len(pretrained.input_shape) == 4:  # 2D-pretrained: the paper's PDAC route
+        return convert_to_acs(pretrained, (depth, height, width, int(pretrained.input_shape[-1])), num_outputs)
+    network = build_resnet9((depth, height, width, 1), num_outputs, activation=model_config.activation,
+                            groups=model_config.groups, scale_norm=model_config.scale_norm)
+    if pretrained is not None:
+        _copy_matching_weights(pretrained, network)
+    return network
+
+
+def _copy_matching_weights(source: tf.keras.Model, target: tf.keras.Model) -> None:
+    """Copies weights layer by layer where names and shapes match (a new head stays freshly initialised)."""
+    copied = 0
+    for layer in target.layers:
+        try:
+            weights = source.get_layer(layer.name).get_weights()
+        except ValueError:
+            continue
+        if weights and [w.shape for w in weights] == [w.shape for w in layer.get_weights()]:
+            layer.set_weights(weights)
+            copied += 1
+    if copied == 0:
+        raise DpmedtfError(f"pretrained model {source.name} shares no layer with the network; is it a dpmedtf ResNet9?")
