@@ -131,11 +131,12 @@ class _StepModel(tf.keras.Model):
             with tf.GradientTape() as tape:
                 losses = weighted_bce_per_example(labels, self.network(images, training=True),
                                                   self.positive_weight, self.negative_weight)
+                total = tf.reduce_sum(losses)  # inside the tape, or its gradient is None
             if self.plan.dp:
                 sums = clipped_gradient_sum(self.step_optimizer, losses, variables, tape)
             else:
-                sums = tape.gradient(tf.reduce_sum(losses), variables)
-            return [tf.convert_to_tensor(s) for s in sums], tf.reduce_sum(losses)
+                sums = tape.gradient(total, variables)
+            return [tf.convert_to_tensor(s) for s in sums], total
 
         def empty_chunk():  # an empty Poisson batch: nothing to add, the step still happens
             return [tf.zeros_like(v) for v in variables], tf.constant(0.0)
@@ -228,7 +229,6 @@ class _Checkpointing(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._save()
         steps = self._steps_done()
-        self.run.cursor = steps
         epsilon = self.run.ledger.epsilon() if self.run.ledger is not None else None
         with self.writer.as_default():
             if epsilon is not None:
@@ -258,7 +258,6 @@ class _Run:
     ledger_at_start: Ledger | None
     start_step: int
     stop_step: int
-    cursor: int
     sampler: object
 
     @property
@@ -278,22 +277,16 @@ class _Run:
         return self.ledger_at_start.record(steps_done - self.start_step, self.plan.sampling_rate,
                                            self.plan.noise_multiplier, self.plan.clip_norm)
 
-    def epoch_chunks(self):
-        """The chunks of the epoch the cursor is in; Keras asks for a fresh iterator every epoch."""
-        start = self.cursor
-        end = min(self.stop_step, (start // self.plan.steps_per_epoch + 1) * self.plan.steps_per_epoch)
+    def epoch_chunks(self, epoch: int) -> list:
+        """The physical chunks of one epoch's logical steps (from the resume point in the first epoch)."""
+        start = max(self.start_step, self.epoch_start(epoch))
+        end = min(self.stop_step, self.epoch_start(epoch + 1))
+        chunks = []
         for chunk in self.sampler.chunks(self.config.training.max_physical_batch, start_step=start):
             if chunk.step >= end:
-                return
-            yield chunk
-
-
-class _EpochChunks:
-    def __init__(self, run: _Run):
-        self.run = run
-
-    def __iter__(self):
-        return self.run.epoch_chunks()
+                break
+            chunks.append(chunk)
+        return chunks
 
 
 @dataclass(frozen=True)
@@ -356,20 +349,24 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
             stop_step = start_step + fits
 
     sampler = _make_sampler(config, plan, train_frame)
-    run = _Run(config, plan, prepared, out_dir, model, ledger, ledger, start_step, stop_step, start_step, sampler)
+    run = _Run(config, plan, prepared, out_dir, model, ledger, ledger, start_step, stop_step, sampler)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "training.json", {
         "config": config_to_dict(config), "plan": dataclasses.asdict(plan), "synthetic_data": prepared.cohort.synthetic,
         "preprocessing": prepared.spec.as_dict(), "status": "running"})
     volume_channels = int(network.input_shape[-1]) if prepared.spec.modality == "volume" else 1
-    dataset = training_dataset(prepared, "train", _EpochChunks(run), augment=bool(config.training.augment),
-                               seed=config.training.seed, volume_channels=volume_channels)
     started = time.monotonic()
     if stop_step > start_step:
         print(_plan_summary(plan, start_step, stop_step, prepared), file=sys.stderr, flush=True)
-        model.fit(dataset, epochs=run.epochs, initial_epoch=start_step // plan.steps_per_epoch, verbose=0,
-                  callbacks=[_Checkpointing(run),
-                             tf.keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), update_freq="epoch")])
+        callbacks = [_Checkpointing(run), tf.keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), update_freq="epoch")]
+        # One fit call per epoch with its exact number of chunks: Poisson epochs differ in length, and
+        # Keras would otherwise fix every epoch to the first one's length (cutting steps or stopping early).
+        for epoch in range(start_step // plan.steps_per_epoch, run.epochs):
+            chunks = run.epoch_chunks(epoch)
+            dataset = training_dataset(prepared, "train", chunks, augment=bool(config.training.augment),
+                                       seed=config.training.seed, volume_channels=volume_channels)
+            model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=len(chunks), verbose=0,
+                      callbacks=callbacks)
     steps_done = int(model.step_optimizer.iterations.numpy())
     if steps_done != stop_step:
         raise DpmedtfError(f"training ended at step {steps_done}, expected {stop_step}; the data pipeline "

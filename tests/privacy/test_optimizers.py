@@ -1,0 +1,134 @@
+"""DP-SGD mechanics checked against brute force: clipping, summing across chunks, noise, scaling."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import make_vectorized_keras_optimizer_class
+
+from dpmedtf.models import build_resnet9
+from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
+from dpmedtf.training.losses import weighted_bce_per_example
+
+ONES = tf.ones(4)
+
+
+def tiny_model(seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    return build_resnet9((32, 32, 3), 4, groups=4, widths=(8, 16, 16, 32))
+
+
+def batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.random((n, 32, 32, 3), dtype=np.float32)),
+            tf.constant(rng.integers(0, 2, (n, 4)).astype(np.float32)))
+
+
+def brute_force_clipped_sum(model, images, labels, clip):
+    total, norms = None, []
+    for i in range(int(images.shape[0])):
+        with tf.GradientTape() as tape:
+            loss = weighted_bce_per_example(labels[i:i + 1], model(images[i:i + 1], training=True), ONES, ONES)[0]
+        grads = tape.gradient(loss, model.trainable_variables)
+        norm = float(tf.linalg.global_norm(grads))
+        norms.append(norm)
+        clipped = [g * min(1.0, clip / norm) for g in grads]
+        total = clipped if total is None else [a + b for a, b in zip(total, clipped)]
+    return total, norms
+
+
+def engine_clipped_sum(model, images, labels, clip):
+    optimizer = make_dp_nadam(1e-3, clip)
+    with tf.GradientTape() as tape:
+        losses = weighted_bce_per_example(labels, model(images, training=True), ONES, ONES)
+    return clipped_gradient_sum(optimizer, losses, model.trainable_variables, tape)
+
+
+@pytest.mark.parametrize("clip", [0.05, 8.0, 1e4])  # all clipped, some clipped, none clipped
+def test_clipped_sum_equals_a_brute_force_loop_over_single_examples(clip):
+    model = tiny_model()
+    images, labels = batch(6)
+    expected, norms = brute_force_clipped_sum(model, images, labels, clip)
+    got = engine_clipped_sum(model, images, labels, clip)
+    for g, e in zip(got, expected):
+        # Relative to the tensor's size: float32 sums in another order differ in the last digits.
+        assert float(tf.norm(g - e) / tf.norm(e)) < 1e-5
+    clipped = sum(norm > clip for norm in norms)
+    assert clipped == {0.05: 6, 8.0: 4, 1e4: 0}[clip]  # per-example norms here are 6.8 … 8.9
+
+
+def test_every_per_example_contribution_has_norm_at_most_c():
+    model = tiny_model(1)
+    images, labels = batch(8, seed=1)
+    clip = 0.1
+    _, norms = brute_force_clipped_sum(model, images, labels, clip)
+    assert min(norms) > clip  # every example needs clipping here, so the bound is active
+    for i in range(8):
+        single = engine_clipped_sum(model, images[i:i + 1], labels[i:i + 1], clip)
+        assert float(tf.linalg.global_norm(single)) == pytest.approx(clip, rel=1e-4)
+    total = engine_clipped_sum(model, images, labels, clip)
+    assert float(tf.linalg.global_norm(total)) <= 8 * clip * (1 + 1e-5)
+
+
+def test_noise_standard_deviation_is_sigma_times_c():
+    sigma, clip, expected_batch = 1.3, 1.5, 16.0
+    generator = tf.random.Generator.from_seed(7)
+    zeros = [tf.zeros((200_000,)), tf.zeros((300, 300))]
+    draws = noised_mean(zeros, sigma * clip, expected_batch, generator)
+    for draw in draws:
+        values = draw.numpy().ravel() * expected_batch  # undo the 1/B scaling: the noise on the sum
+        assert values.std() == pytest.approx(sigma * clip, rel=0.05)
+        assert abs(values.mean()) < 0.05 * sigma * clip
+    again = noised_mean(zeros, sigma * clip, expected_batch, generator)
+    assert not np.array_equal(again[0].numpy(), draws[0].numpy())  # fresh noise every step
+
+
+@pytest.mark.parametrize("dp", [True, False])
+@pytest.mark.parametrize("graph", [True, False])
+def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(dp, graph):
+    """The trainer's step with noise 0 and plain SGD, eagerly and as Keras fit runs it (graph): DP updates
+    by −lr·(Σ clipped)/B over both chunks; non-private by −lr·(mean gradient). A large lr keeps the weight
+    differences well above float32 rounding of the weights themselves."""
+    lr = 1000.0
+    from dpmedtf.training.trainer import TrainingPlan, _StepModel
+
+    model = tiny_model(2)
+    images, labels = batch(7, seed=2)
+    clip, expected_b = 0.2, 10
+    if dp:
+        expected, _ = brute_force_clipped_sum(model, images, labels, clip)
+        expected = [e / expected_b for e in expected]
+        optimizer = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
+            l2_norm_clip=clip, noise_multiplier=0.0, learning_rate=lr)
+    else:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(weighted_bce_per_example(labels, model(images, training=True), ONES, ONES))
+        expected = tape.gradient(loss, model.trainable_variables)
+        optimizer = tf.keras.optimizers.legacy.SGD(lr)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    plan = TrainingPlan(dp, 100, expected_b, 1, 10, 0.0, clip, clip, 1, "image", 1e-5, "rdp", None, None)
+    step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
+    train_step = tf.function(step_model.train_step) if graph else step_model.train_step
+    for chunk, (start, stop) in enumerate(((0, 4), (4, 7))):
+        train_step({"images": images[start:stop], "labels": labels[start:stop], "chunk": tf.constant(chunk),
+                    "chunks_in_step": tf.constant(2), "step": tf.constant(0), "logical_batch_size": tf.constant(7)})
+        if chunk == 0:  # mid-step: accumulated, not applied
+            np.testing.assert_array_equal(model.trainable_variables[0].numpy(), before[0])
+    for b, v, e in zip(before, model.trainable_variables, expected):
+        assert float(np.linalg.norm((b - v.numpy()) / lr - e.numpy()) / np.linalg.norm(e.numpy())) < 1e-4
+    assert all(float(tf.reduce_max(tf.abs(a))) == 0 for a in step_model.accumulators)  # reset for the next step
+
+
+def test_an_empty_poisson_step_still_adds_noise():
+    from dpmedtf.training.trainer import TrainingPlan, _StepModel
+
+    model = tiny_model(3)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    plan = TrainingPlan(True, 100, 10, 1, 10, 1.0, 1.0, 1.0, 1, "image", 1e-5, "rdp", None, None)
+    sgd = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
+        l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=1.0)
+    step_model = _StepModel(model, plan, sgd, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
+    tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
+                                        "chunk": tf.constant(0), "chunks_in_step": tf.constant(1),
+                                        "step": tf.constant(0), "logical_batch_size": tf.constant(0)})
+    update = np.concatenate([(b - v.numpy()).ravel() for b, v in zip(before, model.trainable_variables)])
+    assert update.std() == pytest.approx(1.0 / 10, rel=0.05)  # pure noise N(0, (σC)²) / B
