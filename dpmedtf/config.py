@@ -81,7 +81,8 @@ class TrainingConfig:
     learning_rate: Optional[float] = option(None, "NAdam learning rate; default 5e-4 with DP, 5e-5 without (paper)", gt=0.0)
     optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
     augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip; default on without DP, off with DP (paper)")
-    class_weights: Literal["inverse_frequency", "none"] = option("inverse_frequency", "BCE weighting (inverse class frequency uses training labels outside DP; the certificate states it)")
+    class_weights: Literal["inverse_frequency", "public_prior", "none"] = option("inverse_frequency", "BCE weighting: inverse class frequency of the training labels (a non-DP use of private data, stated in the certificate), of a public prior (class_prior), or none")
+    class_prior: Optional[tuple[float, ...]] = option(None, "with class_weights: public_prior, each label's prevalence from public data", gt=0.0, lt=1.0)
     seed: int = option(0, "seed of initialisation and sampling", ge=0)
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: at each epoch end only)", ge=0)
     stop_at_budget: bool = option(False, "if the plan would exceed the ε budget, train only the steps that fit instead of refusing")
@@ -235,6 +236,9 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
         raise ctx.fail("data.split_fractions", f"must sum to 1, got {job.data.split_fractions}")
     if job.data.hu_window[0] >= job.data.hu_window[1]:
         raise ctx.fail("data.hu_window", f"low must be below high, got {job.data.hu_window}")
+    if (job.training.class_weights == "public_prior") != (job.training.class_prior is not None):
+        raise ctx.fail("training.class_prior", "give class_prior (one prevalence per label) exactly when "
+                                               "class_weights is public_prior")
     if job.privacy.epsilon_sweep:
         return job  # each run of the sweep is resolved for its own regime (training.job.sweep_members)
     return dataclasses.replace(

@@ -45,8 +45,27 @@ def split_into_chunks(step: int, indices: np.ndarray, max_physical_batch: int) -
     return [Chunk(step, part, i, n_chunks, len(indices)) for i, part in enumerate(parts)]
 
 
+def poisson_subset(rng: np.random.Generator, population: int, rate: float) -> np.ndarray:
+    """Each of ``population`` items independently with probability ``rate``: K ~ Binomial, then a
+    uniformly random K-subset (the same distribution, in O(K))."""
+    return rng.choice(population, size=rng.binomial(population, rate), replace=False)
+
+
+class _StepSampler:
+    """A sampler's whole state is the next step: ``indices(step)`` depends only on (seed, step)."""
+
+    steps: int
+
+    def indices(self, step: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
+        for step in range(start_step, self.steps):
+            yield from split_into_chunks(step, self.indices(step), max_physical_batch)
+
+
 @dataclass(frozen=True)
-class PoissonSampler:
+class PoissonSampler(_StepSampler):
     """Poisson sampling over ``dataset_size`` examples with rate q = batch_size / dataset_size."""
 
     dataset_size: int
@@ -67,17 +86,11 @@ class PoissonSampler:
 
     def indices(self, step: int) -> np.ndarray:
         """The sorted example indices of ``step``'s logical batch."""
-        rng = np.random.default_rng([self.seed, step])
-        count = rng.binomial(self.dataset_size, self.sampling_rate)
-        return np.sort(rng.choice(self.dataset_size, size=count, replace=False))
-
-    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
-        for step in range(start_step, self.steps):
-            yield from split_into_chunks(step, self.indices(step), max_physical_batch)
+        return np.sort(poisson_subset(np.random.default_rng([self.seed, step]), self.dataset_size, self.sampling_rate))
 
 
 @dataclass(frozen=True)
-class ShuffledBatches:
+class ShuffledBatches(_StepSampler):
     """Non-private training: a fresh permutation each epoch, cut into batches of ``batch_size``.
     The last, smaller batch of an epoch is kept, so every example is seen once per epoch."""
 
@@ -99,13 +112,9 @@ class ShuffledBatches:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.dataset_size)
         return np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])
 
-    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
-        for step in range(start_step, self.steps):
-            yield from split_into_chunks(step, self.indices(step), max_physical_batch)
-
 
 @dataclass(frozen=True)
-class PatientPoissonSampler:
+class PatientPoissonSampler(_StepSampler):
     """Patient-level Poisson sampling: each *patient* joins a step with probability q = B / P and then
     contributes up to ``max_images_per_patient`` (k) of their images, drawn at random. With every image
     clipped to C/k a patient's total contribution to a step is at most C, so the guarantee protects
@@ -127,7 +136,7 @@ class PatientPoissonSampler:
 
     @property
     def dataset_size(self) -> int:
-        return len(set(self.patient_of_example))
+        return len(self._images_of)
 
     @property
     def sampling_rate(self) -> float:
@@ -135,12 +144,7 @@ class PatientPoissonSampler:
 
     def indices(self, step: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, step])
-        count = rng.binomial(self.dataset_size, self.sampling_rate)
-        patients = rng.choice(self.dataset_size, size=count, replace=False)
+        patients = np.sort(poisson_subset(rng, self.dataset_size, self.sampling_rate))
         chosen = [rng.choice(self._images_of[p], size=min(self.max_images_per_patient, len(self._images_of[p])),
-                             replace=False) for p in np.sort(patients)]
+                             replace=False) for p in patients]
         return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
-
-    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
-        for step in range(start_step, self.steps):
-            yield from split_into_chunks(step, self.indices(step), max_physical_batch)

@@ -21,6 +21,12 @@ def inverse_frequency_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return positive.astype(np.float32), negative.astype(np.float32)
 
 
+def prior_weights(prevalences) -> tuple[np.ndarray, np.ndarray]:
+    """The same weighting from prevalences known publicly: 1/(2p) and 1/(2(1−p)). Uses no private data."""
+    p = np.asarray(prevalences, dtype=np.float64)
+    return (1 / (2 * p)).astype(np.float32), (1 / (2 * (1 - p))).astype(np.float32)
+
+
 def weighted_bce_per_example(labels: tf.Tensor, logits: tf.Tensor, positive_weight: tf.Tensor,
                              negative_weight: tf.Tensor) -> tf.Tensor:
     """(n,) losses: per example, the mean over labels of the class-weighted BCE with logits."""

@@ -31,7 +31,7 @@ from dpmedtf.models import build_resnet9, convert_to_acs, load_model, validate_f
 from dpmedtf.privacy import accounting
 from dpmedtf.privacy.ledger import Ledger, write_json_atomic
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
-from dpmedtf.training.losses import inverse_frequency_weights, weighted_bce_per_example
+from dpmedtf.training.losses import inverse_frequency_weights, prior_weights, weighted_bce_per_example
 
 
 class BudgetExceededError(DpmedtfError):
@@ -323,6 +323,11 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
         optimizer = tf.keras.optimizers.legacy.Nadam(config.training.learning_rate)
     if config.training.class_weights == "inverse_frequency":
         positive_weight, negative_weight = inverse_frequency_weights(labels)
+    elif config.training.class_weights == "public_prior":
+        if len(config.training.class_prior) != labels.shape[1]:
+            raise DpmedtfError(f"training.class_prior has {len(config.training.class_prior)} values for "
+                               f"{labels.shape[1]} labels")
+        positive_weight, negative_weight = prior_weights(config.training.class_prior)
     else:
         positive_weight = negative_weight = np.ones(labels.shape[1], np.float32)
     # Noise must be unpredictable to anyone without the (private) checkpoint: seed from OS entropy
@@ -412,6 +417,9 @@ def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedDat
     if config.training.class_weights == "inverse_frequency":
         ledger = ledger.with_non_dp_use("class weights", "inverse class frequencies counted on the training labels",
                                         private_data_used=True)
+    elif config.training.class_weights == "public_prior":
+        ledger = ledger.with_non_dp_use("class weights", f"from public prevalences {list(config.training.class_prior)}",
+                                        private_data_used=False)
     return ledger
 
 

@@ -160,3 +160,24 @@ def test_epsilon_sweep_trains_each_target_and_the_baseline_with_shared_settings(
     for name, epsilon in (("epsilon-2", 2.0), ("epsilon-8", 8.0)):
         assert Ledger.load(tmp_path / "sweep" / name / "ledger.json").epsilon() == pytest.approx(epsilon, rel=1e-3)
     assert (tmp_path / "sweep" / "non-private" / "model.keras").exists()
+
+
+def test_class_weight_choices_are_recorded_in_the_ledger(prepared):
+    from dpmedtf.training.losses import inverse_frequency_weights, prior_weights
+    from dpmedtf.training.trainer import _initial_ledger
+
+    labels = np.array([[1, 0], [0, 0], [0, 0], [1, 1]], np.float32)
+    positive, negative = inverse_frequency_weights(labels)
+    np.testing.assert_allclose(positive, [4 / (2 * 2), 4 / (2 * 1)])
+    np.testing.assert_allclose(negative, [4 / (2 * 2), 4 / (2 * 3)])
+    np.testing.assert_allclose(prior_weights([0.25])[0], [2.0])
+    prior = (0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1)
+    for weights, private in (("inverse_frequency", True), ("public_prior", False)):
+        cfg = config({"target_epsilon": 8.0, "delta": 1e-3},
+                     {"class_weights": weights, **({"class_prior": list(prior)} if weights == "public_prior" else {})})
+        ledger = _initial_ledger(cfg, plan_training(cfg, prepared), prepared)
+        assert [(u["what"], u["private_data_used"]) for u in ledger.non_dp_uses] == [("class weights", private)]
+    cfg = config({"target_epsilon": 8.0, "delta": 1e-3}, {"class_weights": "none"})
+    assert _initial_ledger(cfg, plan_training(cfg, prepared), prepared).non_dp_uses == ()
+    with pytest.raises(Exception, match="class_prior"):
+        config({"target_epsilon": 8.0}, {"class_weights": "public_prior"})
