@@ -306,9 +306,11 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     if model_path.exists() and not force:
         raise DpmedtfError(f"{model_path} already exists: this training finished. Use another output directory "
                            "or --force to train again")
-    if force:
+    if force:  # start over: nothing of the previous run may be mistaken for this one's
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        model_path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        for stale in (model_path, out_dir / "ledger.json", out_dir / "training.json"):
+            stale.unlink(missing_ok=True)
     plan = plan_training(config, prepared)
     train_rows = split_rows(prepared, "train")
     train_frame = prepared.cohort.frame.loc[train_rows]

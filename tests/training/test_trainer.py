@@ -181,3 +181,12 @@ def test_class_weight_choices_are_recorded_in_the_ledger(prepared):
     assert _initial_ledger(cfg, plan_training(cfg, prepared), prepared).non_dp_uses == ()
     with pytest.raises(Exception, match="class_prior"):
         config({"target_epsilon": 8.0}, {"class_weights": "public_prior"})
+
+
+def test_force_starts_over_without_leftovers(prepared, tmp_path):
+    cfg = config({"target_epsilon": 5.0, "delta": 1e-3}, {"steps": 2})
+    first = train(cfg, prepared, tmp_path)
+    again = train(cfg, prepared, tmp_path, force=True)
+    assert again.steps == first.steps == 2
+    assert Ledger.load(tmp_path / "ledger.json").steps == 2  # not 4: the old run's ledger was not continued
+    assert json.loads((tmp_path / "training.json").read_text())["status"] == "finished"
