@@ -1,0 +1,119 @@
+"""Subgroup fairness with fairlearn's MetricFrame: by sex, age group and sex × age, per finding and averaged.
+
+Definitions (the paper's where it gives them):
+- statistical parity difference of group g = accuracy(g) − accuracy(everyone not in g);
+- underdiagnosis = false negative rate (FNR) per group; FPR likewise;
+- equalized-odds difference of an attribute = max over groups of the TPR or FPR gap (fairlearn);
+- ECE = Σ_bins (n_bin / n) · |positive rate − mean predicted probability| over 10 equal-width bins;
+- worst-group AUROC of an attribute = the lowest group AUROC;
+- "mean" rows average the per-finding values, as the paper averages over its eight labels.
+A group with fewer than ``MIN_POSITIVES`` positives (or negatives) is flagged: its numbers are noise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from fairlearn.metrics import MetricFrame, equalized_odds_difference, false_negative_rate, false_positive_rate
+from sklearn.metrics import accuracy_score
+
+from dpmedtf.evaluation.bootstrap import bootstrap_auroc
+
+MIN_POSITIVES = 10
+ECE_BINS = 10
+ATTRIBUTES = ("sex", "age_group", "sex_x_age")
+
+
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
+    y_true, probabilities = np.asarray(y_true, float), np.asarray(probabilities, float)
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            error += members.mean() * abs(y_true[members].mean() - probabilities[members].mean())
+    return float(error)
+
+
+def _with_attribute_columns(predictions: pd.DataFrame) -> pd.DataFrame:
+    frame = predictions.copy()
+    frame["sex_x_age"] = frame["sex"].astype(str) + " × " + frame["age_group"].astype(str)
+    return frame
+
+
+def fairness_rows(predictions: pd.DataFrame, thresholds: dict[str, float], findings: Sequence[str],
+                  attributes: Iterable[str] = ATTRIBUTES, redraws: int = 1000, seed: int = 0) -> list[dict]:
+    """The fairness report's ``rows``: one per (attribute, group, finding or 'mean')."""
+    frame = _with_attribute_columns(predictions)
+    rows = []
+    for attribute in attributes:
+        groups = frame[attribute].astype(str)
+        per_finding = []
+        for finding in findings:
+            y = frame[f"{finding}_true"].to_numpy().astype(int)
+            p = frame[f"{finding}_prob"].to_numpy().astype(float)
+            predicted = (p >= thresholds[finding]).astype(int)
+            per_finding.append(_finding_rows(attribute, groups, finding, y, p, predicted, redraws, seed))
+        rows.extend(r for block in per_finding for r in block)
+        rows.extend(_mean_rows(attribute, per_finding))
+    return rows
+
+
+def _finding_rows(attribute, groups, finding, y, p, predicted, redraws, seed) -> list[dict]:
+    with warnings.catch_warnings():  # fairlearn/sklearn warn on groups without one class; we flag those ourselves
+        warnings.simplefilter("ignore")
+        frame = MetricFrame(metrics={"accuracy": accuracy_score, "fnr": false_negative_rate, "fpr": false_positive_rate},
+                            y_true=y, y_pred=predicted, sensitive_features=groups)
+        eod = float(equalized_odds_difference(y, predicted, sensitive_features=groups))
+    rows = []
+    for group, metrics in frame.by_group.iterrows():
+        members = (groups == group).to_numpy()
+        n, positives = int(members.sum()), int(y[members].sum())
+        intervals, _, _ = bootstrap_auroc(y[members], p[members], redraws=redraws, seed=seed)
+        auroc = intervals[0]
+        rest = ~members
+        parity = float(metrics["accuracy"] - accuracy_score(y[rest], predicted[rest])) if rest.any() else 0.0
+        warning = None
+        if min(positives, n - positives) < MIN_POSITIVES:
+            warning = (f"only {positives} positive and {n - positives} negative example(s): "
+                       "AUROC and rates of this group are unreliable")
+        rows.append({"attribute": attribute, "group": str(group), "finding": finding, "n": n,
+                     "n_positive": positives, "prevalence": positives / n if n else float("nan"),
+                     "auroc": auroc.estimate, "auroc_ci_low": auroc.low, "auroc_ci_high": auroc.high,
+                     "accuracy": float(metrics["accuracy"]), "statistical_parity_difference": parity,
+                     "fnr": _nan_if_undefined(metrics["fnr"], positives), "fpr": _nan_if_undefined(metrics["fpr"], n - positives),
+                     "ece": expected_calibration_error(y[members], p[members]),
+                     "equalized_odds_difference": eod, "warning": warning})
+    worst = min((r["auroc"] for r in rows if np.isfinite(r["auroc"])), default=float("nan"))
+    for r in rows:
+        r["worst_group_auroc"] = worst
+    return rows
+
+
+def _nan_if_undefined(value, denominator: int) -> float:
+    return float(value) if denominator > 0 else float("nan")
+
+
+def _mean_rows(attribute: str, per_finding: list[list[dict]]) -> list[dict]:
+    """Per group, the average over findings of each metric (NaNs ignored), like the paper's averages."""
+    numeric = ("prevalence", "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy", "statistical_parity_difference",
+               "fnr", "fpr", "ece", "equalized_odds_difference")
+    groups = [r["group"] for r in per_finding[0]]
+    rows = []
+    for i, group in enumerate(groups):
+        block = [finding_rows[i] for finding_rows in per_finding]
+        row = {"attribute": attribute, "group": group, "finding": "mean", "n": block[0]["n"],
+               "n_positive": int(sum(r["n_positive"] for r in block))}
+        for key in numeric:
+            values = np.array([r[key] for r in block], float)
+            row[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        warned = [r["finding"] for r in block if r["warning"]]
+        row["warning"] = f"unreliable for {', '.join(warned)}" if warned else None
+        rows.append(row)
+    worst = min((r["auroc"] for r in rows if np.isfinite(r["auroc"])), default=float("nan"))
+    for row in rows:  # the worst group by mean AUROC, not the mean of per-finding worst groups
+        row["worst_group_auroc"] = worst
+    return rows
