@@ -249,6 +249,33 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config
         typer.echo(f"{result.model_path} ({result.steps} steps, {privacy})")
 
 
+@app.command("evaluate")
+def evaluate(config: Path = typer.Argument(..., help="The job YAML the model was trained with."),
+             run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/<job name>)."),
+             force: bool = typer.Option(False, "--force", help="Evaluate again over an existing evaluation.")) -> None:
+    """Predictions, validation-chosen thresholds, test metrics with bootstrap CIs, fairness report."""
+    from dpmedtf.config import load_config
+    from dpmedtf.evaluation.evaluate import evaluate as evaluate_model
+    from dpmedtf.models import load_model
+    from dpmedtf.training.job import prepare_data, sweep_members
+
+    job = load_config(config)
+    run = run or Path("runs") / job.name
+    prepared = prepare_data(job, run)
+    for name, member in sweep_members(job):
+        member_dir = run / name if name else run
+        out = member_dir / "evaluation"
+        if (out / "metrics.json").exists() and not force:
+            raise UsageError(f"{out} already holds an evaluation; pass --force to replace it")
+        if not (member_dir / "model.keras").exists():
+            raise UsageError(f"no trained model at {member_dir / 'model.keras'}; run `dpmedtf train {config}` first")
+        metrics = evaluate_model(load_model(member_dir / "model.keras"), prepared, out,
+                                 member.evaluation.bootstrap_redraws, member.evaluation.seed)
+        mean = metrics["mean"]
+        typer.echo(f"{out}: mean test AUROC {mean['auroc']:.3f} [{mean['auroc_ci_low']:.3f}, {mean['auroc_ci_high']:.3f}]"
+                   + (" — SYNTHETIC DATA" if metrics["synthetic_data"] else ""))
+
+
 def _print_cohort(loaded, table, out: Optional[Path]) -> None:
     title = f"cohort {loaded.source} ({loaded.modality})"
     if loaded.synthetic:

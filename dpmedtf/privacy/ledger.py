@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dp_accounting
 
+from dpmedtf.files import write_json_atomic
 from dpmedtf.privacy import accounting
 
 LEDGER_FORMAT = 1
@@ -135,19 +135,3 @@ class Ledger:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Ledger":
         return cls.from_json_dict(json.loads(Path(path).read_text()))
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path

@@ -29,7 +29,8 @@ from dpmedtf.data.sampling import PatientPoissonSampler, PoissonSampler, Shuffle
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.models import build_resnet9, convert_to_acs, load_model, validate_for_dp
 from dpmedtf.privacy import accounting
-from dpmedtf.privacy.ledger import Ledger, write_json_atomic
+from dpmedtf.files import write_json_atomic
+from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
 from dpmedtf.training.losses import inverse_frequency_weights, prior_weights, weighted_bce_per_example
 

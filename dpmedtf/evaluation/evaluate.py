@@ -1,0 +1,94 @@
+"""Evaluate a trained model: predictions, thresholds chosen on validation, test metrics with bootstrap CIs,
+and the subgroup fairness report — the files DESIGN.md names, written atomically into one directory.
+
+Thresholds are Youden thresholds on the *validation* split and are applied unchanged to test; choosing
+them uses private validation labels outside DP, which the files state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from dpmedtf.data.cache import PreparedData
+from dpmedtf.data.pipeline import evaluation_dataset, split_rows
+from dpmedtf.evaluation.bootstrap import bootstrap_auroc, redraw_weights
+from dpmedtf.evaluation.fairness import fairness_rows
+from dpmedtf.evaluation.metrics import binary_rates, youden_threshold
+from dpmedtf.files import write_json_atomic
+
+SYNTHETIC_NOTICE = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
+
+
+def predict(model: tf.keras.Model, prepared: PreparedData, split: str, batch_size: int = 32) -> pd.DataFrame:
+    """One row per image of ``split``: identity, subgroup columns, and per label ``_true`` and ``_prob``."""
+    rows = split_rows(prepared, split)
+    frame = prepared.cohort.frame.loc[rows]
+    channels = int(model.input_shape[-1]) if prepared.spec.modality == "volume" else 1
+    probabilities, labels = [], []
+    for images, batch_labels in evaluation_dataset(prepared, split, batch_size, volume_channels=channels):
+        probabilities.append(tf.sigmoid(model(images, training=False)).numpy())
+        labels.append(batch_labels.numpy())
+    probabilities, labels = np.concatenate(probabilities), np.concatenate(labels)
+    out = pd.DataFrame({"image_id": [Path(p).name for p in frame["path"]], "patient_id": frame["patient_id"].to_numpy(),
+                        "sex": frame["sex"].to_numpy(), "age": frame["age"].to_numpy(),
+                        "age_group": frame["age_group"].to_numpy()})
+    for j, name in enumerate(prepared.cohort.label_names):
+        out[f"{name}_true"] = labels[:, j].astype(int)
+        out[f"{name}_prob"] = probabilities[:, j]
+    return out
+
+
+def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.PathLike, redraws: int = 1000,
+             seed: int = 0) -> dict:
+    """Writes predictions.csv, predictions_validation.csv, thresholds.json, metrics.json, fairness_report.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = prepared.cohort.label_names
+    validation, test = predict(model, prepared, "validation"), predict(model, prepared, "test")
+    thresholds = {name: youden_threshold(validation[f"{name}_true"], validation[f"{name}_prob"]) for name in names}
+
+    y = test[[f"{n}_true" for n in names]].to_numpy()
+    p = test[[f"{n}_prob" for n in names]].to_numpy()
+    intervals, mean, _ = bootstrap_auroc(y, p, weights=redraw_weights(len(test), redraws, seed))
+    findings = {}
+    for j, name in enumerate(names):
+        rates = binary_rates(y[:, j], p[:, j] >= thresholds[name])
+        findings[name] = {"auroc": intervals[j].estimate, "auroc_ci_low": intervals[j].low,
+                          "auroc_ci_high": intervals[j].high, "threshold": thresholds[name],
+                          "sensitivity": rates.sensitivity, "specificity": rates.specificity,
+                          "accuracy": rates.accuracy, "n_positive": int(y[:, j].sum())}
+    averaged = {key: float(np.nanmean([findings[n][key] for n in names]))
+                for key in ("sensitivity", "specificity", "accuracy")}
+    provenance = {"synthetic_data": prepared.cohort.synthetic,
+                  "notice": SYNTHETIC_NOTICE if prepared.cohort.synthetic else None,
+                  "thresholds_chosen_on": "validation split (Youden index); private labels used outside DP"}
+    metrics = {**provenance, "split": "test", "n": len(test),
+               "bootstrap": {"redraws": redraws, "seed": seed, "interval": "percentile 95%"},
+               "mean": {"auroc": mean.estimate, "auroc_ci_low": mean.low, "auroc_ci_high": mean.high, **averaged},
+               "findings": findings}
+    report = {**provenance, "split": "test", "findings": list(names),
+              "rows": _json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
+
+    test.to_csv(out_dir / "predictions.csv", index=False)
+    validation.to_csv(out_dir / "predictions_validation.csv", index=False)
+    write_json_atomic(out_dir / "thresholds.json", thresholds)
+    write_json_atomic(out_dir / "metrics.json", _json_safe(metrics))
+    write_json_atomic(out_dir / "fairness_report.json", report)
+    return metrics
+
+
+def _json_safe(value):
+    """NaN is not JSON: undefined numbers (a group without positives) become null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

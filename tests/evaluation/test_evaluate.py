@@ -1,0 +1,68 @@
+"""`dpmedtf evaluate` on a trained tiny model: the contract files, recomputed from predictions.csv."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from dpmedtf.data import labels as L
+from dpmedtf.data.synthetic import SyntheticCohortSpec, write_synthetic_cohort
+from dpmedtf.evaluation.metrics import youden_threshold
+
+DPMEDTF = str(Path(sys.executable).with_name("dpmedtf"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluate")
+    manifest = write_synthetic_cohort(work / "cohort", SyntheticCohortSpec(patients=40, image_size=48, seed=2))["radiograph"]
+    job = work / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "tiny", "data": {"manifest": str(manifest), "image_size": 32},
+                                   "privacy": {"target_epsilon": 8, "delta": 1e-3},
+                                   "training": {"steps": 3, "batch_size": 8, "max_physical_batch": 8},
+                                   "evaluation": {"bootstrap_redraws": 200}}))
+    for command in (["train", str(job), "--out", str(work / "run")], ["evaluate", str(job), "--run", str(work / "run")]):
+        result = subprocess.run([DPMEDTF, *command], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr
+    return work, result
+
+
+def test_contract_files_and_values_recompute_from_the_predictions(evaluated):
+    work, result = evaluated
+    out = work / "run" / "evaluation"
+    assert "mean test AUROC" in result.stdout and "SYNTHETIC DATA" in result.stdout
+    predictions = pd.read_csv(out / "predictions.csv")
+    for column in ("image_id", "patient_id", "sex", "age", "age_group",
+                   *(f"{f}_{kind}" for f in L.FINDINGS for kind in ("true", "prob"))):
+        assert column in predictions.columns
+    validation = pd.read_csv(out / "predictions_validation.csv")
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["synthetic_data"] is True and "SYNTHETIC" in metrics["notice"]
+    for finding in L.FINDINGS:
+        # Thresholds come from validation, never from test.
+        assert thresholds[finding] == pytest.approx(youden_threshold(validation[f"{finding}_true"], validation[f"{finding}_prob"]))
+        y, p = predictions[f"{finding}_true"], predictions[f"{finding}_prob"]
+        if 0 < y.sum() < len(y):
+            assert metrics["findings"][finding]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+    report = json.loads((out / "fairness_report.json").read_text())
+    assert report["synthetic_data"] is True
+    keys = {"attribute", "group", "finding", "n", "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy",
+            "statistical_parity_difference", "fnr", "fpr", "ece"}
+    assert all(keys <= set(row) for row in report["rows"])
+    assert {r["attribute"] for r in report["rows"]} == {"sex", "age_group", "sex_x_age"}
+    mean_sex = [r for r in report["rows"] if r["attribute"] == "sex" and r["finding"] == "mean"]
+    assert sum(r["n"] for r in mean_sex) == len(predictions)
+
+
+def test_evaluation_is_not_overwritten_silently(evaluated):
+    work, _ = evaluated
+    again = subprocess.run([DPMEDTF, "evaluate", str(work / "job.yaml"), "--run", str(work / "run")],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode != 0 and "already holds an evaluation" in again.stderr
