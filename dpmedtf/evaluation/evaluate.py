@@ -21,6 +21,7 @@ from dpmedtf.evaluation.bootstrap import bootstrap_auroc, redraw_weights
 from dpmedtf.evaluation.fairness import fairness_rows
 from dpmedtf.evaluation.metrics import binary_rates, youden_threshold
 from dpmedtf.files import write_json_atomic
+from dpmedtf.privacy.audit import membership_inference_audit, per_label_losses
 
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
 
@@ -72,6 +73,7 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
                "bootstrap": {"redraws": redraws, "seed": seed, "interval": "percentile 95%"},
                "mean": {"auroc": mean.estimate, "auroc_ci_low": mean.low, "auroc_ci_high": mean.high, **averaged},
                "findings": findings}
+    metrics["membership_inference"] = _audit(model, prepared, test, names, seed)
     report = {**provenance, "split": "test", "findings": list(names),
               "rows": _json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
 
@@ -81,6 +83,19 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
     write_json_atomic(out_dir / "metrics.json", _json_safe(metrics))
     write_json_atomic(out_dir / "fairness_report.json", report)
     return metrics
+
+
+def _audit(model, prepared: PreparedData, test: pd.DataFrame, names, seed: int) -> dict:
+    """Membership inference: training images (members) against test images (non-members)."""
+    train = predict(model, prepared, "train")
+
+    def losses(frame):
+        return per_label_losses(frame[[f"{n}_true" for n in names]].to_numpy(), frame[[f"{n}_prob" for n in names]].to_numpy())
+
+    groups = ("sex", "age_group")
+    result = membership_inference_audit(losses(train), losses(test), {g: train[g].astype(str).to_numpy() for g in groups},
+                                        {g: test[g].astype(str).to_numpy() for g in groups}, seed)
+    return {"members": "training split", "non_members": "test split", **result}
 
 
 def _json_safe(value):
