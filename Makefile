@@ -22,6 +22,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/calibration.py
 	$(VENV)/bin/python benchmarks/data_pipeline.py
+	$(VENV)/bin/python benchmarks/bootstrap.py
+	$(VENV)/bin/python benchmarks/dp_vs_nondp.py
+	$(VENV)/bin/python benchmarks/synthetic_utility.py
+	$(VENV)/bin/python benchmarks/mia_audit.py
 
 # Deliberate re-resolution of the stack: a fresh venv from pyproject.toml, frozen into constraints.txt.
 lock:

@@ -10,6 +10,7 @@ paired comparison, both models: that is what makes the CIs of the mean and of di
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,8 +91,10 @@ def bootstrap_auroc(y_true: np.ndarray, scores: np.ndarray, redraws: int = DEFAU
     matrix = np.stack([weighted_auroc(y_true[:, j], scores[:, j], weights) for j in range(labels)], axis=1)
     per_label = [percentile_interval(point[j], matrix[:, j]) for j in range(labels)]
     defined = np.isfinite(point)
-    mean = percentile_interval(float(np.mean(point[defined])) if defined.any() else float("nan"),
-                               np.nanmean(matrix[:, defined], axis=1) if defined.any() else np.array([]))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a redraw of a tiny group may lack every label: NaN
+        redrawn_mean = np.nanmean(matrix[:, defined], axis=1) if defined.any() else np.array([])
+    mean = percentile_interval(float(np.mean(point[defined])) if defined.any() else float("nan"), redrawn_mean)
     return per_label, mean, matrix
 
 

@@ -50,7 +50,8 @@ class TrainingPlan:
     """Expected logical batch size B (records per step)."""
     steps: int
     """Total planned optimizer steps."""
-    steps_per_epoch: int
+    steps_per_epoch: float
+    """N/B: an epoch is one expected pass over the data (epoch e ends at step round((e+1)·N/B))."""
     noise_multiplier: float | None
     clip_norm: float | None
     example_clip_norm: float | None
@@ -78,7 +79,7 @@ def plan_training(config: JobConfig, prepared: PreparedData) -> TrainingPlan:
         raise DpmedtfError(f"training.batch_size {batch_size} exceeds the {dataset_size} training "
                            f"{'patients' if patient_unit else 'images'}; lower it")
     steps = training.steps or accounting.steps_for_epochs(dataset_size, batch_size, training.epochs)
-    steps_per_epoch = max(1, math.ceil(dataset_size / batch_size))
+    steps_per_epoch = dataset_size / batch_size
     if not privacy.enabled:
         return TrainingPlan(False, dataset_size, batch_size, steps, steps_per_epoch, None, None, None, 1,
                             "none", None, None, None, None)
@@ -267,10 +268,13 @@ class _Run:
 
     @property
     def epochs(self) -> int:
-        return math.ceil(self.stop_step / self.plan.steps_per_epoch)
+        return max(1, math.ceil(self.stop_step / self.plan.steps_per_epoch - 1e-9))
 
     def epoch_start(self, epoch: int) -> int:
-        return epoch * self.plan.steps_per_epoch
+        return min(self.stop_step, round(epoch * self.plan.steps_per_epoch))
+
+    def epoch_of(self, step: int) -> int:
+        return max(e for e in range(self.epochs) if self.epoch_start(e) <= step)
 
     def ledger_after(self, steps_done: int) -> Ledger | None:
         if self.ledger_at_start is None:
@@ -369,8 +373,10 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
         callbacks = [_Checkpointing(run), tf.keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), update_freq="epoch")]
         # One fit call per epoch with its exact number of chunks: Poisson epochs differ in length, and
         # Keras would otherwise fix every epoch to the first one's length (cutting steps or stopping early).
-        for epoch in range(start_step // plan.steps_per_epoch, run.epochs):
+        for epoch in range(run.epoch_of(start_step), run.epochs):
             chunks = run.epoch_chunks(epoch)
+            if not chunks:  # round()ed epoch boundaries can leave the last epoch without steps
+                continue
             dataset = training_dataset(prepared, "train", chunks, augment=bool(config.training.augment),
                                        seed=config.training.seed, volume_channels=volume_channels)
             model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=len(chunks), verbose=0,
