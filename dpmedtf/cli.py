@@ -255,25 +255,15 @@ def evaluate(config: Path = typer.Argument(..., help="The job YAML the model was
              force: bool = typer.Option(False, "--force", help="Evaluate again over an existing evaluation.")) -> None:
     """Predictions, validation-chosen thresholds, test metrics with bootstrap CIs, fairness report."""
     from dpmedtf.config import load_config
-    from dpmedtf.evaluation.evaluate import evaluate as evaluate_model
-    from dpmedtf.models import load_model
-    from dpmedtf.training.job import prepare_data, sweep_members
+    from dpmedtf.evaluation.job import evaluate_job
 
     job = load_config(config)
-    run = run or Path("runs") / job.name
-    prepared = prepare_data(job, run)
-    for name, member in sweep_members(job):
-        member_dir = run / name if name else run
-        out = member_dir / "evaluation"
-        if (out / "metrics.json").exists() and not force:
-            raise UsageError(f"{out} already holds an evaluation; pass --force to replace it")
-        if not (member_dir / "model.keras").exists():
-            raise UsageError(f"no trained model at {member_dir / 'model.keras'}; run `dpmedtf train {config}` first")
-        metrics = evaluate_model(load_model(member_dir / "model.keras"), prepared, out,
-                                 member.evaluation.bootstrap_redraws, member.evaluation.seed)
-        mean = metrics["mean"]
-        typer.echo(f"{out}: mean test AUROC {mean['auroc']:.3f} [{mean['auroc_ci_low']:.3f}, {mean['auroc_ci_high']:.3f}]"
-                   + (" — SYNTHETIC DATA" if metrics["synthetic_data"] else ""))
+    members, report = evaluate_job(job, run or Path("runs") / job.name, force)
+    for member in members:
+        mean = member.metrics["mean"]
+        typer.echo(f"{member.name}: mean test AUROC {mean['auroc']:.3f} [{mean['auroc_ci_low']:.3f}, "
+                   f"{mean['auroc_ci_high']:.3f}]" + (" — SYNTHETIC DATA" if member.metrics["synthetic_data"] else ""))
+    typer.echo(f"report: {report}")
 
 
 def _print_cohort(loaded, table, out: Optional[Path]) -> None:

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
@@ -23,3 +25,14 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def json_safe(value):
+    """NaN is not JSON: undefined numbers (a group without positives) become null."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value

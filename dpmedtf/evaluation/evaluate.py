@@ -20,7 +20,7 @@ from dpmedtf.data.pipeline import evaluation_dataset, split_rows
 from dpmedtf.evaluation.bootstrap import bootstrap_auroc, redraw_weights
 from dpmedtf.evaluation.fairness import fairness_rows
 from dpmedtf.evaluation.metrics import binary_rates, youden_threshold
-from dpmedtf.files import write_json_atomic
+from dpmedtf.files import json_safe, write_json_atomic
 from dpmedtf.privacy.audit import membership_inference_audit, per_label_losses
 
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
@@ -75,12 +75,12 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
                "findings": findings}
     metrics["membership_inference"] = _audit(model, prepared, test, names, seed)
     report = {**provenance, "split": "test", "findings": list(names),
-              "rows": _json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
+              "rows": json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
 
     test.to_csv(out_dir / "predictions.csv", index=False)
     validation.to_csv(out_dir / "predictions_validation.csv", index=False)
     write_json_atomic(out_dir / "thresholds.json", thresholds)
-    write_json_atomic(out_dir / "metrics.json", _json_safe(metrics))
+    write_json_atomic(out_dir / "metrics.json", json_safe(metrics))
     write_json_atomic(out_dir / "fairness_report.json", report)
     return metrics
 
@@ -96,14 +96,3 @@ def _audit(model, prepared: PreparedData, test: pd.DataFrame, names, seed: int) 
     result = membership_inference_audit(losses(train), losses(test), {g: train[g].astype(str).to_numpy() for g in groups},
                                         {g: test[g].astype(str).to_numpy() for g in groups}, seed)
     return {"members": "training split", "non_members": "test split", **result}
-
-
-def _json_safe(value):
-    """NaN is not JSON: undefined numbers (a group without positives) become null."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value

@@ -66,3 +66,32 @@ def test_evaluation_is_not_overwritten_silently(evaluated):
     again = subprocess.run([DPMEDTF, "evaluate", str(work / "job.yaml"), "--run", str(work / "run")],
                            capture_output=True, text=True, timeout=900)
     assert again.returncode != 0 and "already holds an evaluation" in again.stderr
+
+
+def test_sweep_evaluation_writes_the_cross_epsilon_analysis_plots_and_report(tmp_path):
+    manifest = write_synthetic_cohort(tmp_path / "cohort", SyntheticCohortSpec(patients=40, image_size=48, seed=4))["radiograph"]
+    job = tmp_path / "sweep.yaml"
+    job.write_text(yaml.safe_dump({"name": "sweep", "data": {"manifest": str(manifest), "image_size": 32},
+                                   "privacy": {"epsilon_sweep": [2.0, 8.0], "sweep_non_private": True, "delta": 1e-3},
+                                   "training": {"steps": 2, "batch_size": 8, "max_physical_batch": 8},
+                                   "evaluation": {"bootstrap_redraws": 100}}))
+    run = tmp_path / "run"
+    for command in (["train", str(job), "--out", str(run)], ["evaluate", str(job), "--run", str(run)]):
+        result = subprocess.run([DPMEDTF, *command], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr
+    assert f"report: {run / 'report.html'}" in result.stdout
+    sweep = json.loads((run / "sweep.json").read_text())
+    assert [m["epsilon"] for m in sweep["models"]] == [2.0, 8.0, None] and sweep["synthetic_data"] is True
+    dp = sweep["models"][0]
+    assert set(dp["versus_non_private"]) == set(L.FINDINGS)
+    metrics = {name: json.loads((run / name / "evaluation" / "metrics.json").read_text())
+               for name in ("epsilon-2", "non-private")}
+    for finding, comparison in dp["versus_non_private"].items():
+        if comparison is not None:
+            assert comparison["auroc_difference"] == pytest.approx(
+                metrics["epsilon-2"]["findings"][finding]["auroc"] - metrics["non-private"]["findings"][finding]["auroc"])
+            assert 0 <= comparison["p_delong"] <= 1
+    for png in ("privacy_utility.png", "auroc_per_finding.png", "subgroups_sex.png", "subgroups_age_group.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (run / "report.html").read_text()
+    assert "SYNTHETIC DATA" in page and "privacy_utility.png" in page and "MIA AUC" in page

@@ -1,0 +1,49 @@
+"""Evaluating a job's run directory: every model of it, then the cross-model report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from dpmedtf.config import JobConfig
+from dpmedtf.errors import DpmedtfError
+from dpmedtf.evaluation import plots
+from dpmedtf.evaluation.evaluate import evaluate
+from dpmedtf.evaluation.report import write_report
+from dpmedtf.evaluation.sweep import SweepMember, analyse_sweep
+from dpmedtf.files import json_safe, write_json_atomic
+from dpmedtf.models import load_model
+from dpmedtf.training.job import prepare_data, sweep_members
+
+
+def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[SweepMember], Path]:
+    """Evaluates each trained model of the job under ``run`` and writes ``run/report.html``."""
+    prepared = prepare_data(job, run)
+    members = []
+    for name, member in sweep_members(job):
+        member_dir = run / name if name else run
+        out = member_dir / "evaluation"
+        if not (member_dir / "model.keras").exists():
+            raise DpmedtfError(f"no trained model at {member_dir / 'model.keras'}; train the job first")
+        if (out / "metrics.json").exists() and not force:
+            raise DpmedtfError(f"{out} already holds an evaluation; pass --force to replace it")
+        metrics = evaluate(load_model(member_dir / "model.keras"), prepared, out, member.evaluation.bootstrap_redraws,
+                           member.evaluation.seed)
+        members.append(SweepMember(name or job.name, member.privacy.target_epsilon if member.privacy.enabled else None,
+                                   json.loads((out / "metrics.json").read_text()), pd.read_csv(out / "predictions.csv"),
+                                   json.loads((out / "fairness_report.json").read_text())))
+    synthetic = prepared.cohort.synthetic
+    figures, sweep = [], None
+    if len(members) > 1:
+        names = list(prepared.cohort.label_names)
+        train = prepared.cohort.frame[prepared.cohort.frame["split"] == "train"]
+        sweep = analyse_sweep(members, names, {n: int(train[n].sum()) for n in names},
+                              job.evaluation.bootstrap_redraws, job.evaluation.seed)
+        write_json_atomic(run / "sweep.json", json_safe({"synthetic_data": synthetic, **sweep}))
+        figures = [plots.privacy_utility(members, run / "privacy_utility.png", synthetic),
+                   plots.per_finding_auroc(members, names, run / "auroc_per_finding.png", synthetic),
+                   *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in ("sex", "age_group"))]
+    report = write_report(run / "report.html", f"dpmedtf evaluation: {job.name}", members, sweep, figures, synthetic)
+    return members, report
