@@ -1,7 +1,7 @@
 """Membership-inference audit on the SYNTHETIC cohort: a DP model (ε = 8) vs a deliberately overfit
 non-private model (no augmentation, high learning rate, many epochs on few images).
 
-Writes benchmarks/results/mia_audit.json. Usage: python benchmarks/mia_audit.py [--patients 60] [--out-dir DIR]
+Writes benchmarks/results/mia_audit.json. Usage: python benchmarks/mia_audit.py [--patients 300] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=60)
+    parser.add_argument("--patients", type=int, default=300)
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mia_audit.json")
     args = parser.parse_args()
@@ -35,7 +35,7 @@ def main() -> None:
     data = {"manifest": str(manifest), "image_size": 64}
     runs = {
         "overfit-non-private": {"privacy": {"enabled": False},
-                                "training": {"epochs": 40, "batch_size": 16, "max_physical_batch": 16,
+                                "training": {"epochs": 60, "batch_size": 16, "max_physical_batch": 16,
                                              "learning_rate": 1e-3, "augment": False}},
         "dp-epsilon-8": {"privacy": {"target_epsilon": 8.0, "delta": 1e-4},
                          "training": {"epochs": 10, "batch_size": 16, "max_physical_batch": 16}},

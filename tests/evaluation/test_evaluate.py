@@ -59,6 +59,31 @@ def test_contract_files_and_values_recompute_from_the_predictions(evaluated):
     assert {r["attribute"] for r in report["rows"]} == {"sex", "age_group", "sex_x_age"}
     mean_sex = [r for r in report["rows"] if r["attribute"] == "sex" and r["finding"] == "mean"]
     assert sum(r["n"] for r in mean_sex) == len(predictions)
+    # Every per-group number recomputed from the written files with fairlearn and scikit-learn.
+    from fairlearn.metrics import MetricFrame, equalized_odds_difference, false_negative_rate, false_positive_rate
+    from sklearn.metrics import accuracy_score
+    for finding in L.FINDINGS:
+        y = predictions[f"{finding}_true"].to_numpy()
+        p = predictions[f"{finding}_prob"].to_numpy()
+        predicted = (p >= thresholds[finding]).astype(int)
+        for attribute in ("sex", "age_group"):
+            groups = predictions[attribute].astype(str)
+            frame = MetricFrame(metrics={"acc": accuracy_score, "fnr": false_negative_rate, "fpr": false_positive_rate},
+                                y_true=y, y_pred=predicted, sensitive_features=groups).by_group
+            eod = equalized_odds_difference(y, predicted, sensitive_features=groups)
+            for row in (r for r in report["rows"] if r["attribute"] == attribute and r["finding"] == finding):
+                members = (groups == row["group"]).to_numpy()
+                assert row["n"] == members.sum()
+                assert row["accuracy"] == pytest.approx(frame.loc[row["group"], "acc"])
+                assert row["statistical_parity_difference"] == pytest.approx(
+                    frame.loc[row["group"], "acc"] - accuracy_score(y[~members], predicted[~members]))
+                assert row["equalized_odds_difference"] == pytest.approx(eod)
+                if y[members].sum():
+                    assert row["fnr"] == pytest.approx(frame.loc[row["group"], "fnr"])
+                if (1 - y[members]).sum():
+                    assert row["fpr"] == pytest.approx(frame.loc[row["group"], "fpr"])
+                if 0 < y[members].sum() < members.sum():
+                    assert row["auroc"] == pytest.approx(roc_auc_score(y[members], p[members]), abs=1e-9)
 
 
 def test_evaluation_is_not_overwritten_silently(evaluated):
