@@ -268,10 +268,11 @@ class _Run:
 
     @property
     def epochs(self) -> int:
-        return max(1, math.ceil(self.stop_step / self.plan.steps_per_epoch - 1e-9))
+        # ceil(E·N/B) steps overshoot E passes by under one step: the last epoch absorbs it.
+        return max(1, round(self.stop_step / self.plan.steps_per_epoch))
 
     def epoch_start(self, epoch: int) -> int:
-        return min(self.stop_step, round(epoch * self.plan.steps_per_epoch))
+        return self.stop_step if epoch >= self.epochs else min(self.stop_step, round(epoch * self.plan.steps_per_epoch))
 
     def epoch_of(self, step: int) -> int:
         return max(e for e in range(self.epochs) if self.epoch_start(e) <= step)
