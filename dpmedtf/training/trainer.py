@@ -215,8 +215,7 @@ class _Checkpointing(tf.keras.callbacks.Callback):
         steps = self._steps_done()
         if steps == self.last_saved:
             return
-        self.run.ledger = self.run.ledger_after(steps)
-        save_checkpoint(self.run.checkpoint_dir, self.run.model, steps, self.run.ledger)
+        save_checkpoint(self.run.checkpoint_dir, self.run.model, steps, self.run.ledger_after(steps))
         self.last_saved = steps
 
     def on_train_batch_end(self, batch, logs=None):
@@ -231,7 +230,8 @@ class _Checkpointing(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._save()
         steps = self._steps_done()
-        epsilon = self.run.ledger.epsilon() if self.run.ledger is not None else None
+        ledger = self.run.ledger_after(steps)
+        epsilon = ledger.epsilon() if ledger is not None else None
         with self.writer.as_default():
             if epsilon is not None:
                 tf.summary.scalar("privacy/epsilon", epsilon, step=steps)
@@ -256,8 +256,8 @@ class _Run:
     prepared: PreparedData
     out_dir: Path
     model: _StepModel
-    ledger: Ledger | None
     ledger_at_start: Ledger | None
+    """The ledger when this session started; the current one is always ``ledger_after(steps done)``."""
     start_step: int
     stop_step: int
     sampler: object
@@ -362,7 +362,7 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
             stop_step = start_step + fits
 
     sampler = _make_sampler(config, plan, train_frame)
-    run = _Run(config, plan, prepared, out_dir, model, ledger, ledger, start_step, stop_step, sampler)
+    run = _Run(config, plan, prepared, out_dir, model, ledger, start_step, stop_step, sampler)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "training.json", {
         "config": config_to_dict(config), "plan": dataclasses.asdict(plan), "synthetic_data": prepared.cohort.synthetic,
@@ -386,17 +386,17 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     if steps_done != stop_step:
         raise DpmedtfError(f"training ended at step {steps_done}, expected {stop_step}; the data pipeline "
                            "delivered fewer steps than planned")
-    run.ledger = run.ledger_after(steps_done)
-    if run.ledger is not None:
-        run.ledger.save(out_dir / "ledger.json")
+    final_ledger = run.ledger_after(steps_done)
+    if final_ledger is not None:
+        final_ledger.save(out_dir / "ledger.json")
     network.save(model_path)
     summary = {"config": config_to_dict(config), "plan": dataclasses.asdict(plan), "steps": steps_done,
                "stopped_at_budget": stop_step < plan.steps, "synthetic_data": prepared.cohort.synthetic,
                "preprocessing": prepared.spec.as_dict(), "status": "finished",
-               "epsilon": run.ledger.epsilon() if run.ledger is not None else None,
+               "epsilon": final_ledger.epsilon() if final_ledger is not None else None,
                "seconds_this_session": time.monotonic() - started}
     write_json_atomic(out_dir / "training.json", summary)
-    return TrainingResult(out_dir, model_path, plan, run.ledger, steps_done, time.monotonic() - started)
+    return TrainingResult(out_dir, model_path, plan, final_ledger, steps_done, time.monotonic() - started)
 
 
 def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedData) -> str:
