@@ -17,7 +17,7 @@ RUN set -eux; \
     tf_before="$(python3 -c 'import tensorflow as tf; print(tf.__version__)')"; \
     grep -v -i -E '^tensorflow==' constraints.txt > /tmp/constraints.txt; \
     echo "tensorflow==${tf_before}" >> /tmp/constraints.txt; \
-    python3 -m pip install -c /tmp/constraints.txt ".[signing]"; \
+    python3 -m pip install -c /tmp/constraints.txt "."; \
     tf_after="$(python3 -c 'import tensorflow as tf; print(tf.__version__)')"; \
     test "${tf_before}" = "${tf_after}"; \
     dpmedtf --version; \

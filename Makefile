@@ -6,14 +6,14 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: test bench lock clean-venv
+.PHONY: test bench lock clean-venv node-example
 
 # Re-installs only when the lock or the package metadata changed since the last install.
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "dpmedtf needs Python 3.11, found " + sys.version.split()[0] + " at $(PYTHON); set PYTHON=/path/to/python3.11")'
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
-	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test,signing]"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	@touch $(STAMP)
 
 test: $(STAMP)
@@ -27,11 +27,16 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/synthetic_utility.py
 	$(VENV)/bin/python benchmarks/mia_audit.py
 
+# A non-Python consumer: onnxruntime for Node.js reproduces `dpmedtf predict` on the same input.
+BUNDLE ?= runs/demo/bundle
+node-example: $(STAMP)
+	bash examples/node/check.sh $(BUNDLE)
+
 # Deliberate re-resolution of the stack: a fresh venv from pyproject.toml, frozen into constraints.txt.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --upgrade "pip>=24"
-	.venv-lock/bin/python -m pip install --quiet -e ".[test,signing]"
+	.venv-lock/bin/python -m pip install --quiet -e ".[test]"
 	{ echo "# Lock for dpmedtf: every install (make test, make demo, Docker) resolves to exactly these versions."; \
 	  echo "# Regenerate only deliberately: make lock (re-resolves from pyproject.toml and rewrites this file)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i '^dpmedtf'; } > constraints.txt

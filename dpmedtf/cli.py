@@ -266,6 +266,97 @@ def evaluate(config: Path = typer.Argument(..., help="The job YAML the model was
     typer.echo(f"report: {report}")
 
 
+# --- release and consumers ---------------------------------------------------------------------------
+
+@app.command("keygen")
+def keygen(private_key: Path = typer.Option(Path("signing_key.pem"), "--private-key", help="Where to write the private key (PEM, mode 600)."),
+           public_key: Optional[Path] = typer.Option(None, "--public-key", help="Where to write the public key (default: private key with suffix .pub)."),
+           password_env: Optional[str] = typer.Option(None, "--password-env", help="Encrypt the private key with the password in this environment variable.")) -> None:
+    """Create a P-256 key pair for signing release bundles offline."""
+    from dpmedtf.release.signing import generate_keypair
+
+    public_key = public_key or private_key.with_suffix(".pub")
+    password = None
+    if password_env:
+        password = os.environ.get(password_env)
+        if not password:
+            raise UsageError(f"environment variable {password_env} is empty or not set")
+    fingerprint = generate_keypair(private_key, public_key, password)
+    typer.echo(f"private key: {private_key} (keep it secret; it signs releases)\npublic key:  {public_key} "
+               f"(give it to consumers)\nfingerprint: {fingerprint}")
+
+
+@app.command("release")
+def release(config: Path = typer.Argument(..., help="The job YAML the model was trained and evaluated with."),
+            run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: runs/<job name>)."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Bundle directory to create (default: <run>/bundle)."),
+            member: Optional[str] = typer.Option(None, "--member", help="Sweep model to release (release.member)."),
+            private_key: Optional[Path] = typer.Option(None, "--private-key", help="Signing key (release.private_key)."),
+            public_key: Optional[Path] = typer.Option(None, "--public-key", help="Its public key (release.public_key)."),
+            policy: Optional[Path] = typer.Option(None, "--policy", help="Release policy YAML (release.policy)."),
+            override_policy: Optional[str] = typer.Option(None, "--override-policy", metavar="REASON",
+                                                          help="Release despite broken policy rules; the reason is recorded in the bundle.")) -> None:
+    """Export to ONNX, certify, check the release policy, write and sign the bundle."""
+    from dpmedtf.config import load_config
+    from dpmedtf.release.job import release_job, with_release_overrides
+
+    job = with_release_overrides(load_config(config), member=member, private_key=private_key, public_key=public_key,
+                                 policy=policy)
+    bundle = release_job(job, run or Path("runs") / job.name, out, override_policy)
+    typer.echo(f"bundle: {bundle}")
+    _print_verification(_verify(bundle, job.release.public_key or job.release.private_key.with_suffix(".pub")))
+
+
+def _verify(bundle: Path, public_key: Optional[Path]):
+    from dpmedtf.release.verify import verify_bundle
+
+    return verify_bundle(bundle, public_key)
+
+
+def _print_verification(report) -> None:
+    for line in report.passed:
+        typer.echo(f"  ok    {line}")
+    for line in report.failures:
+        typer.echo(f"  FAIL  {line}", err=True)
+    for line in report.warnings:
+        typer.echo(f"  note  {line}", err=True)
+
+
+@app.command("verify")
+def verify(bundle: Path = typer.Argument(..., help="Release bundle directory."),
+           public_key: Optional[Path] = typer.Option(None, "--public-key", help="The publisher's public key (or set DPMEDTF_PUBLIC_KEY).")) -> None:
+    """Check a bundle's sums, signature, schemas, certificate arithmetic and model; exit 1 on any failure."""
+    report = _verify(bundle, public_key)
+    _print_verification(report)
+    if not report.ok:
+        typer.echo(f"dpmedtf: {bundle} FAILED verification ({len(report.failures)} problem(s))", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{bundle}: verified")
+
+
+@app.command("predict")
+def predict(bundle: Path = typer.Argument(..., help="Release bundle directory."),
+            inputs: list[Path] = typer.Argument(..., help="DICOM/PNG/JPEG radiographs, or NIfTI files / DICOM folders for CT."),
+            out: Path = typer.Option(..., "--out", help="CSV of probabilities and thresholded labels."),
+            public_key: Optional[Path] = typer.Option(None, "--public-key", help="The publisher's public key (or set DPMEDTF_PUBLIC_KEY)."),
+            save_inputs: Optional[Path] = typer.Option(None, "--save-inputs", help="Also write each preprocessed input as raw float32 here."),
+            force: bool = typer.Option(False, "--force", help="Replace an existing --out file.")) -> None:
+    """Verify the bundle, preprocess the inputs as in training, run the ONNX model, write the CSV."""
+    from dpmedtf.progress import progress_bar
+    from dpmedtf.release.predict import load, predict_files, write_predictions
+
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
+    loaded = load(bundle, public_key)
+    for line in loaded.verification.warnings:
+        typer.echo(f"note: {line}", err=True)
+    with progress_bar("preprocessing", len(inputs)) as advance:
+        frame = predict_files(loaded, inputs, advance, save_inputs)
+    write_predictions(frame, out, force)
+    positives = {name: int(frame[f"{name}_label"].sum()) for name in loaded.labels}
+    typer.echo(f"wrote {out}: {len(frame)} input(s); positive calls per label {positives}")
+
+
 def _print_cohort(loaded, table, out: Optional[Path]) -> None:
     title = f"cohort {loaded.source} ({loaded.modality})"
     if loaded.synthetic:

@@ -95,6 +95,17 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class ReleaseConfig:
+    member: Optional[str] = option(None, "which model of an ε sweep to release, e.g. 'epsilon-7.89' (required for sweeps)")
+    model_version: str = option("1.0.0", "version of the released model (in metadata.json and the ONNX metadata)")
+    policy: Optional[Path] = option(None, "release policy YAML (default: dpmedtf's release/policy.yaml)")
+    private_key: Optional[Path] = option(None, "P-256 private key (PEM) that signs the bundle; create one with `dpmedtf keygen`")
+    public_key: Optional[Path] = option(None, "its public key, copied into the bundle (default: private_key with suffix .pub)")
+    intended_use: str = option("Decision support research: detecting the labelled findings on adult chest radiographs or "
+                               "abdominal CT, to be read by a clinician.", "intended use, stated in the model card")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     name: str = option("job", "name of the job, used in reports")
     data: DataConfig = option(DataConfig(), "input data")
@@ -102,6 +113,7 @@ class JobConfig:
     privacy: PrivacyConfig = option(PrivacyConfig(), "differential privacy")
     training: TrainingConfig = option(TrainingConfig(), "optimisation")
     evaluation: EvaluationConfig = option(EvaluationConfig(), "evaluation")
+    release: ReleaseConfig = option(ReleaseConfig(), "release bundle")
 
 
 # --- loading -----------------------------------------------------------------------------------------

@@ -1,0 +1,311 @@
+"""Building a release bundle from a trained, evaluated model.
+
+A bundle is a directory: ``model.onnx``, ``privacy_certificate.json``, ``fairness_report.json`` and
+``.md``, ``model_card.md``, ``metadata.json``, ``signing_key.pub``, ``SHA256SUMS`` and ``model.sig``.
+It is assembled in a staging directory beside the target and renamed into place only when complete,
+signed and verified, so a failed release leaves nothing behind and an existing release is never
+touched.
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import hashlib
+import json
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from dpmedtf import __version__
+from dpmedtf.errors import DpmedtfError
+from dpmedtf.files import json_safe
+from dpmedtf.privacy.ledger import Ledger
+from dpmedtf.release import export
+from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
+from dpmedtf.release.policy import ReleasePolicy, Violation, check_policy
+from dpmedtf.release.resources import release_file, schema_problems
+from dpmedtf.release.layout import (BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE,
+                                    PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED, sha256_file)
+from dpmedtf.release.signing import fingerprint, sign_bundle
+from dpmedtf.release.verify import verify_bundle
+
+
+class PolicyViolationError(DpmedtfError):
+    def __init__(self, violations: Sequence[Violation], policy: ReleasePolicy):
+        self.violations = tuple(violations)
+        lines = "\n".join(f"  - {v}" for v in violations)
+        super().__init__(f"release refused: {len(violations)} rule(s) of the release policy ({policy.source}) "
+                         f"are broken:\n{lines}\nFix the model, or publish anyway with an explicit, recorded "
+                         "override (--override-policy REASON).")
+
+
+@dataclass(frozen=True)
+class ReleaseCandidate:
+    """A trained and evaluated model with the records that describe it."""
+
+    directory: Path
+    model: Any
+    """The Keras network (logits out)."""
+    ledger: Ledger
+    training: dict
+    thresholds: dict[str, float]
+    metrics: dict
+    fairness_report: dict
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.thresholds)
+
+
+def load_candidate(member_dir: str | os.PathLike) -> ReleaseCandidate:
+    """Reads what training and evaluation wrote into ``member_dir``; says which step is missing."""
+    from dpmedtf.models import load_model
+
+    member_dir = Path(member_dir)
+    needed = {"model.keras": "train", "training.json": "train", "evaluation/metrics.json": "evaluate",
+              "evaluation/thresholds.json": "evaluate", "evaluation/fairness_report.json": "evaluate"}
+    for name, stage in needed.items():
+        if not (member_dir / name).exists():
+            raise DpmedtfError(f"{member_dir / name} is missing: run `dpmedtf {stage}` on this job first")
+    training = json.loads((member_dir / "training.json").read_text())
+    if training.get("status") != "finished":
+        raise DpmedtfError(f"{member_dir}: training has not finished (status {training.get('status')!r})")
+    if not (member_dir / "ledger.json").exists():
+        raise DpmedtfError(f"{member_dir} holds a model trained without differential privacy (no ledger.json); "
+                           "only DP-trained models can be released with a privacy certificate")
+    evaluation = member_dir / "evaluation"
+    return ReleaseCandidate(member_dir, load_model(member_dir / "model.keras"), Ledger.load(member_dir / "ledger.json"),
+                            training, json.loads((evaluation / "thresholds.json").read_text()),
+                            json.loads((evaluation / "metrics.json").read_text()),
+                            json.loads((evaluation / "fairness_report.json").read_text()))
+
+
+def evaluation_non_dp_uses(selected_from: int = 1) -> tuple[dict, ...]:
+    """What evaluating and publishing a model does with private data beyond DP-SGD."""
+    uses = [
+        {"what": "decision thresholds", "how": "Youden thresholds chosen on the labels of the validation split",
+         "private_data_used": True},
+        {"what": "published evaluation", "how": "AUROC, subgroup and calibration statistics of the test split are "
+                                                "published in this bundle without noise", "private_data_used": True},
+        {"what": "membership-inference audit", "how": "attack AUC/advantage computed from the model's losses on "
+                                                      "training and test images, published without noise",
+         "private_data_used": True},
+        {"what": "hyperparameters", "how": "taken from the job configuration; dpmedtf performed no tuning on the data",
+         "private_data_used": False},
+    ]
+    if selected_from > 1:
+        uses.append({"what": "model selection", "how": f"this model was chosen from {selected_from} trained models "
+                                                       "of one sweep; a choice guided by their evaluation results used "
+                                                       "private data", "private_data_used": True})
+    return tuple(uses)
+
+
+def write_sums(bundle: Path) -> Path:
+    """``SHA256SUMS`` in coreutils format over every file except itself and the signature."""
+    names = sorted(p.name for p in bundle.iterdir() if p.is_file() and p.name not in UNSUMMED)
+    (bundle / SUMS_FILE).write_text("".join(f"{sha256_file(bundle / n)}  {n}\n" for n in names))
+    return bundle / SUMS_FILE
+
+
+def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: ReleasePolicy,
+                 private_key: str | os.PathLike, public_key: str | os.PathLike | None = None,
+                 model_version: str = "1.0.0", intended_use: str = "", selected_from: int = 1,
+                 override_reason: str | None = None, job_name: str = "model") -> Path:
+    """Exports, certifies, checks policy, writes, signs and verifies; returns the bundle directory."""
+    out = Path(out)
+    if out.exists():
+        raise DpmedtfError(f"{out} already exists: a release is never overwritten. Choose another --out "
+                           "(or a new release.model_version)")
+    private_key = Path(private_key)
+    public_key = Path(public_key) if public_key else private_key.with_suffix(".pub")
+    if not public_key.is_file():
+        raise DpmedtfError(f"public key {public_key} not found; give release.public_key (the pair of "
+                           f"{private_key}) or create a pair with `dpmedtf keygen`")
+
+    proto = export.to_onnx(candidate.model)
+    parity = export.check_parity(candidate.model, proto, candidate.thresholds).to_json_dict()
+    certificate = build_certificate(candidate.ledger, evaluation_non_dp_uses(selected_from))
+    problems = schema_problems(certificate, "privacy_certificate.schema.json") + \
+        schema_problems(candidate.fairness_report, "fairness_report.schema.json")
+    if problems:  # our own output breaking our own schema is a bug, never something to publish
+        raise DpmedtfError("internal error, the release documents break their schemas: " + "; ".join(problems))
+    violations = check_policy(policy, certificate, candidate.fairness_report, parity)
+    if violations and not override_reason:
+        raise PolicyViolationError(violations, policy)
+
+    certificate_data = certificate_bytes(certificate)
+    metadata = _metadata(candidate, certificate, certificate_data, parity, policy, violations, override_reason,
+                         model_version, public_key)
+    export.set_metadata(proto, _onnx_properties(metadata))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (staging / MODEL_FILE).write_bytes(proto.SerializeToString())
+        (staging / CERTIFICATE_FILE).write_bytes(certificate_data)
+        (staging / FAIRNESS_FILE).write_text(json.dumps(candidate.fairness_report, indent=2) + "\n")
+        (staging / "fairness_report.md").write_text(fairness_markdown(candidate.fairness_report, job_name))
+        (staging / METADATA_FILE).write_text(json.dumps(json_safe(metadata), indent=2) + "\n")
+        (staging / "model_card.md").write_text(model_card(candidate, metadata, certificate, intended_use, job_name))
+        shutil.copyfile(public_key, staging / PUBLIC_KEY_FILE)
+        write_sums(staging)
+        sign_bundle(staging, private_key)
+        report = verify_bundle(staging, public_key)  # the release must pass what its consumers will run
+        if not report.ok:
+            raise DpmedtfError("internal error, the new bundle fails verification: " + "; ".join(report.failures))
+        staging.chmod(0o755)  # mkdtemp made it private; a published bundle is for reading
+        os.rename(staging, out)  # fails rather than replace if something created `out` meanwhile
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: bytes, parity: dict,
+              policy: ReleasePolicy, violations: Sequence[Violation], override_reason: str | None,
+              model_version: str, public_key: Path) -> dict:
+    model = candidate.model
+    preprocessing = candidate.training["preprocessing"]
+    modality = preprocessing["modality"]
+    labels = candidate.label_names
+    policy_path = Path(policy.source)
+    return {
+        "format": "dpmedtf-bundle", "format_version": BUNDLE_FORMAT,
+        "model_version": model_version, "dpmedtf_version": __version__,
+        "created_at": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+        "synthetic_data": bool(candidate.training.get("synthetic_data")),
+        "task": ("multi-label classification of findings on chest radiographs" if modality == "radiograph"
+                 else "binary classification of CT volumes"),
+        "input": {"name": export.INPUT_NAME, "dtype": "float32", "shape": ["batch", *model.input_shape[1:]],
+                  "layout": "NHWC" if modality == "radiograph" else "NDHWC", "value_range": [0.0, 1.0]},
+        "output": {"name": export.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(labels)],
+                   "value_range": [0.0, 1.0], "meaning": "sigmoid probability per label"},
+        "labels": labels,
+        "thresholds": candidate.thresholds,
+        "thresholds_chosen_on": "validation split (Youden index)",
+        "preprocessing": preprocessing,
+        "model": {"architecture": "resnet9", "parameters": int(model.count_params()),
+                  "activation": candidate.training["config"]["model"]["activation"]},
+        "export": {"opset": export.OPSET, "parity": parity},
+        "privacy": {"epsilon": certificate["epsilon"], "delta": certificate["delta"],
+                    "unit_of_privacy": certificate["unit_of_privacy"],
+                    "privacy_certificate_sha256": hashlib.sha256(certificate_data).hexdigest()},
+        "metrics": {"split": "test", "mean_auroc": candidate.metrics["mean"]["auroc"],
+                    "mean_auroc_ci": [candidate.metrics["mean"]["auroc_ci_low"], candidate.metrics["mean"]["auroc_ci_high"]],
+                    "auroc": {n: f["auroc"] for n, f in candidate.metrics["findings"].items()}},
+        "release": {"policy": str(policy_path),
+                    "policy_sha256": sha256_file(policy_path) if policy_path.is_file() else None,
+                    "violations": [str(v) for v in violations],
+                    "override": ({"reason": override_reason, "by": _user(),
+                                  "violations_overridden": [str(v) for v in violations]}
+                                 if violations and override_reason else None)},
+        "signing": {"public_key_fingerprint": fingerprint(public_key), "public_key_file": PUBLIC_KEY_FILE},
+        "software": software_versions(),
+    }
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name in a bare container
+        return f"uid {os.getuid()}"
+
+
+def _onnx_properties(metadata: Mapping[str, Any]) -> dict[str, str]:
+    privacy = metadata["privacy"]
+    return {"dpmedtf_version": metadata["dpmedtf_version"], "model_version": metadata["model_version"],
+            "labels": json.dumps(metadata["labels"]), "thresholds": json.dumps(metadata["thresholds"]),
+            "epsilon": repr(privacy["epsilon"]), "delta": repr(privacy["delta"]),
+            "unit_of_privacy": privacy["unit_of_privacy"],
+            "privacy_certificate_sha256": privacy["privacy_certificate_sha256"],
+            "synthetic_data": json.dumps(metadata["synthetic_data"])}
+
+
+# --- documents ---------------------------------------------------------------------------------------
+
+def _number(value, digits=3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _interval(row) -> str:
+    return f"{_number(row['auroc'])} ({_number(row['auroc_ci_low'])}–{_number(row['auroc_ci_high'])})"
+
+
+def _subgroup_rows(report: Mapping[str, Any], findings: Sequence[str] = ("mean",)) -> list[dict]:
+    return [r for r in report["rows"] if r["finding"] in findings and r["attribute"] in ("sex", "age_group")]
+
+
+def fairness_markdown(report: Mapping[str, Any], title: str) -> str:
+    lines = [f"# Fairness report: {title}", ""]
+    if report.get("synthetic_data"):
+        lines += [f"> **{report.get('notice') or 'SYNTHETIC DATA'}**", ""]
+    lines += [f"Test split; groups by sex and age. Findings: {', '.join(report['findings'])}.", "",
+              "| Attribute | Group | Finding | n | Positives | AUROC (95% CI) | Accuracy | Parity difference | FNR | FPR | ECE | Note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['attribute']} | {row['group']} | {row['finding']} | {row['n']} | {row.get('n_positive', '')} | "
+                     f"{_interval(row)} | {_number(row['accuracy'])} | {_number(row['statistical_parity_difference'], 3)} | "
+                     f"{_number(row['fnr'])} | {_number(row['fpr'])} | {_number(row['ece'])} | {row.get('warning') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def model_card(candidate: ReleaseCandidate, metadata: Mapping[str, Any], certificate: Mapping[str, Any],
+               intended_use: str, title: str) -> str:
+    synthetic = metadata["synthetic_data"]
+    notice = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
+    findings = candidate.metrics["findings"]
+    metrics_table = "\n".join(
+        f"| {name} | {_interval(f)} | {_number(f['threshold'])} | {_number(f['sensitivity'])} | "
+        f"{_number(f['specificity'])} | {f['n_positive']} |" for name, f in findings.items())
+    mean = candidate.metrics["mean"]
+    metrics_table += (f"\n| **mean** | {_interval(mean)} | | {_number(mean['sensitivity'])} | "
+                      f"{_number(mean['specificity'])} | |")
+    rows = _subgroup_rows(candidate.fairness_report)
+    subgroup_table = "\n".join(
+        f"| {r['attribute']} | {r['group']} | {r['n']} | {_interval(r)} | {_number(r['accuracy'])} | "
+        f"{_number(r['statistical_parity_difference'])} | {_number(r['fnr'])} | {_number(r['fpr'])} |" for r in rows)
+    warned = [f"{r['attribute']} = {r['group']}" for r in rows if r.get("warning")]
+    release = metadata["release"]
+    if release["override"]:
+        policy_section = (f"**Released with an explicit policy override** by {release['override']['by']}: "
+                          f"{release['override']['reason']}\n\nRules broken:\n"
+                          + "\n".join(f"- {v}" for v in release["violations"]))
+    else:
+        policy_section = f"Meets every rule of the release policy `{release['policy']}`."
+    preprocessing = metadata["preprocessing"]
+    n_train = certificate["dataset_size"]
+    unit = certificate["unit_of_privacy"]
+    values = {
+        "title": title, "synthetic_banner": f"> **{notice}**" if synthetic else "",
+        "model_version": metadata["model_version"], "created_at": metadata["created_at"],
+        "dpmedtf_version": metadata["dpmedtf_version"], "task": metadata["task"],
+        "architecture_detail": "2D" if preprocessing["modality"] == "radiograph" else "ACS-3D",
+        "parameters": f"{metadata['model']['parameters']:,}",
+        "input_shape": "(" + ", ".join(str(s) for s in metadata["input"]["shape"]) + ")",
+        "n_labels": len(metadata["labels"]),
+        "epsilon": f"{certificate['epsilon']:.4g}", "delta": f"{certificate['delta']:g}", "unit": unit,
+        "unit_plural": "patients" if unit == "patient" else "images",
+        "intended_use": intended_use,
+        "data_description": (f"Trained on {n_train:,} {'patients' if unit == 'patient' else 'images'} "
+                             f"(training split); evaluated on {candidate.metrics['n']:,} test images. "
+                             + ("The data are a SYNTHETIC cohort generated by dpmedtf." if synthetic else
+                                "See the job's cohort table for its composition.")),
+        "preprocessing": "\n".join(f"{i}. {step}" for i, step in enumerate(preprocessing["steps"], 1)),
+        "metrics_note": f"_{notice}_" if synthetic else "",
+        "metrics_table": metrics_table, "subgroup_table": subgroup_table,
+        "subgroup_warnings": ("Groups with too few positive or negative examples for reliable numbers: "
+                              + ", ".join(warned) + ".") if warned else "",
+        "privacy_statement": certificate["statement"],
+        "policy_section": policy_section,
+        "synthetic_limitation": ("- Trained and evaluated on SYNTHETIC images: these numbers say nothing about "
+                                 "performance on patients." if synthetic else ""),
+    }
+    return string.Template(release_file("model_card.md").read_text()).substitute(values)

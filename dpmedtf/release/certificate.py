@@ -1,0 +1,178 @@
+"""The privacy certificate: what the released model's DP guarantee is, built only from the training ledger.
+
+Nothing here is re-typed from a config: ε is recomputed from the ledger's composed DpEvent, and every
+DP-SGD parameter comes from the ledger's segments. The certificate also states what the guarantee is
+*not* about — every use of the private data outside DP-SGD — so that a reader never mistakes ε for
+the whole story. ``check_consistency`` is the verifier's half: it recomputes ε from the certificate's
+own serialised event and cross-checks the event against the stated parameters.
+"""
+
+from __future__ import annotations
+
+import datetime as _datetime
+import json
+import math
+import platform
+from importlib import metadata
+from typing import Any, Mapping
+
+from dpmedtf.errors import DpmedtfError
+from dpmedtf.privacy import accounting
+from dpmedtf.privacy.ledger import Ledger
+
+SCHEMA_VERSION = "1.0"
+EPSILON_RELATIVE_TOLERANCE = 1e-6
+SOFTWARE = ("dpmedtf", "tensorflow", "tensorflow-privacy", "dp-accounting", "tf2onnx", "onnx", "onnxruntime",
+            "fairlearn", "numpy")
+
+RELATION_TEXT = {
+    "image": "datasets that differ by adding or removing one image",
+    "patient": "datasets that differ by adding or removing all images of one patient",
+}
+
+
+class CertificateError(DpmedtfError):
+    """A certificate that cannot be issued, or whose numbers do not hold together."""
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in SOFTWARE:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) -> dict[str, Any]:
+    """The certificate for a model whose training is recorded in ``ledger``.
+
+    ``extra_non_dp_uses`` are uses of private data after training (thresholds chosen on validation
+    data, metrics published from the test split, model selection), in the ledger's {what, how,
+    private_data_used} form.
+    """
+    if not ledger.segments:
+        raise CertificateError("the ledger records no DP-SGD step: there is no privacy guarantee to certify")
+    parameters = {(s.sampling_rate, s.noise_multiplier, s.clip_norm) for s in ledger.segments}
+    if len(parameters) != 1:
+        # Training refuses to resume with other settings, so this is a ledger edited by hand.
+        raise CertificateError(f"the ledger mixes {len(parameters)} DP-SGD settings; a certificate describes one")
+    ((sampling_rate, noise_multiplier, clip_norm),) = parameters
+    event = ledger.dp_event()
+    epsilon, details = accounting.epsilon_of_event(event, ledger.delta, ledger.accountant)
+    notes = dict(ledger.notes)
+    one_over_n = 1.0 / ledger.dataset_size
+    unit = ledger.unit_of_privacy
+    uses = [*ledger.non_dp_uses, *extra_non_dp_uses]
+    certificate = {
+        "schema_version": SCHEMA_VERSION,
+        "epsilon": epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant,
+        "accountant_details": details,
+        "unit_of_privacy": unit,
+        "neighbouring_relation": {"name": accounting.NEIGHBORING_RELATION, "description": RELATION_TEXT[unit]},
+        "sampling": accounting.SAMPLING,
+        "sampling_rate": sampling_rate,
+        "expected_batch_size": ledger.batch_size,
+        "noise_multiplier": noise_multiplier,
+        "clip_norm": clip_norm,
+        "steps": ledger.steps,
+        "dataset_size": ledger.dataset_size,
+        "epsilon_budget": ledger.epsilon_budget,
+        "dp_event": accounting.dp_event_to_json(event),
+        "delta_vs_dataset_size": {"one_over_n": one_over_n, "delta_below_one_over_n": ledger.delta < one_over_n,
+                                  "large_delta_explicitly_allowed": bool(notes.get("allow_large_delta"))},
+        "images_per_patient": {"max_in_training_set": notes.get("images_per_patient_max"),
+                               "max_per_step": notes.get("max_images_per_patient_per_step")},
+        "non_dp_uses_of_private_data": uses,
+        "public_pretraining": {"weights": notes.get("pretrained_weights"), "data": notes.get("pretrained_on")},
+        "noise": {"generator": notes.get("noise_rng"), "normalisation": notes.get("normalisation")},
+        "synthetic_data": bool(notes.get("synthetic_data")),
+        "software": software_versions(),
+        "issued_at": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    certificate["statement"] = plain_statement(certificate)
+    return certificate
+
+
+def plain_statement(certificate: Mapping[str, Any]) -> str:
+    unit = certificate["unit_of_privacy"]
+    who = "patient (all of that patient's images)" if unit == "patient" else "image"
+    n = certificate["dataset_size"]
+    text = (f"This model was trained with differentially private SGD (DP-SGD) on {n:,} "
+            f"{'patients' if unit == 'patient' else 'images'}. For any single {who}, whether or not it was in "
+            f"the training data changes the probability of any set of trained models by at most a factor of "
+            f"e^ε = {math.exp(certificate['epsilon']):.4g} (ε = {certificate['epsilon']:.4g}), except with "
+            f"probability δ = {certificate['delta']:g}. Each of the {certificate['steps']:,} steps drew a Poisson "
+            f"sample of the training set (rate {certificate['sampling_rate']:.4g}), clipped every example's "
+            f"gradient to norm {certificate['clip_norm']:g} and added Gaussian noise of standard deviation "
+            f"{certificate['noise_multiplier']:.5g} × {certificate['clip_norm']:g}; ε was computed by the "
+            f"{certificate['accountant'].upper()} accountant of dp_accounting.")
+    if unit == "image" and (certificate["images_per_patient"].get("max_in_training_set") or 1) > 1:
+        k = certificate["images_per_patient"]["max_in_training_set"]
+        text += (f" The unit of privacy is one image; a patient with up to {k} images is protected at a "
+                 f"correspondingly weaker level (group privacy over {k} images).")
+    if not certificate["delta_vs_dataset_size"]["delta_below_one_over_n"]:
+        text += (" WARNING: δ is not below 1/N, so the guarantee permits revealing a whole record; this was "
+                 "accepted explicitly.")
+    private_uses = [u["what"] for u in certificate["non_dp_uses_of_private_data"] if u["private_data_used"]]
+    if private_uses:
+        text += (" Not covered by ε, because they used private data outside DP-SGD: "
+                 + "; ".join(private_uses) + ".")
+    if certificate["synthetic_data"]:
+        text += " The training data were SYNTHETIC (generated images, not patients)."
+    return text
+
+
+def check_consistency(certificate: Mapping[str, Any]) -> list[str]:
+    """Problems with a certificate's internal arithmetic (empty when it holds together)."""
+    problems = []
+    try:
+        event = accounting.dp_event_from_json(certificate["dp_event"])
+        epsilon, _ = accounting.epsilon_of_event(event, certificate["delta"], certificate["accountant"])
+    except Exception as exc:  # a malformed event is a failed check, reported with its cause
+        return [f"dp_event cannot be accounted: {exc}"]
+    stated = certificate["epsilon"]
+    if not math.isclose(epsilon, stated, rel_tol=EPSILON_RELATIVE_TOLERANCE):
+        problems.append(f"epsilon {stated!r} does not match {epsilon!r} recomputed from dp_event "
+                        f"({certificate['accountant']}, δ = {certificate['delta']!r})")
+    described = _uniform_dp_sgd(certificate["dp_event"])
+    if described is None:
+        problems.append("dp_event is not a Poisson-sampled Gaussian DP-SGD composition")
+    else:
+        rate, sigma, steps = described
+        for key, value in (("sampling_rate", rate), ("noise_multiplier", sigma), ("steps", steps)):
+            if not math.isclose(certificate[key], value, rel_tol=1e-12):
+                problems.append(f"{key} {certificate[key]!r} differs from the dp_event's {value!r}")
+    expected_rate = certificate["expected_batch_size"] / certificate["dataset_size"]
+    if not math.isclose(certificate["sampling_rate"], expected_rate, rel_tol=1e-9):
+        problems.append(f"sampling_rate {certificate['sampling_rate']!r} is not expected_batch_size / dataset_size "
+                        f"= {expected_rate!r}")
+    below = certificate["delta"] < 1.0 / certificate["dataset_size"]
+    if certificate["delta_vs_dataset_size"]["delta_below_one_over_n"] != below:
+        problems.append("delta_vs_dataset_size.delta_below_one_over_n contradicts delta and dataset_size")
+    return problems
+
+
+def _uniform_dp_sgd(event: Mapping[str, Any]) -> tuple[float, float, int] | None:
+    """(q, σ, steps) of SelfComposed(PoissonSampled(q, Gaussian(σ)), steps), or of Composed segments alike."""
+    def one(e):
+        count = 1
+        if e.get("class_name") == "SelfComposedDpEvent":
+            count, e = e["count"], e["event"]
+        if e.get("class_name") != "PoissonSampledDpEvent" or e["event"].get("class_name") != "GaussianDpEvent":
+            return None
+        return e["sampling_probability"], e["event"]["noise_multiplier"], count
+
+    if event.get("class_name") == "ComposedDpEvent":
+        parts = [one(e) for e in event["events"]]
+        if not parts or None in parts or len({p[:2] for p in parts}) != 1:
+            return None
+        return parts[0][0], parts[0][1], sum(p[2] for p in parts)
+    return one(event)
+
+
+def certificate_bytes(certificate: Mapping[str, Any]) -> bytes:
+    return (json.dumps(certificate, indent=2, sort_keys=False) + "\n").encode()

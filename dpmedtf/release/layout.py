@@ -1,0 +1,28 @@
+"""What a release bundle directory contains, and the file digest both its writer and its readers use."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dpmedtf.release.signing import SIGNATURE_FILE
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.onnx"
+CERTIFICATE_FILE = "privacy_certificate.json"
+FAIRNESS_FILE = "fairness_report.json"
+METADATA_FILE = "metadata.json"
+SUMS_FILE = "SHA256SUMS"
+PUBLIC_KEY_FILE = "signing_key.pub"
+REQUIRED_FILES = (MODEL_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, "fairness_report.md", "model_card.md", METADATA_FILE,
+                  PUBLIC_KEY_FILE, SUMS_FILE, SIGNATURE_FILE)
+UNSUMMED = (SUMS_FILE, SIGNATURE_FILE)
+"""SHA256SUMS cannot hash itself; the signature covers SHA256SUMS and is checked by its own means."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,132 @@
+"""The release policy (`release/policy.yaml`): the rules a model must meet before it is published.
+
+Release managers own the YAML; this module only reads it strictly (unknown keys are errors, so a typo
+cannot silently switch a rule off) and checks a candidate release against it, returning every broken
+rule rather than the first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from dpmedtf.errors import ConfigError
+from dpmedtf.release.resources import release_file
+
+DEFAULT_POLICY = "policy.yaml"
+
+
+@dataclass(frozen=True)
+class PrivacyRules:
+    max_epsilon: float = 10.0
+    require_delta_below_one_over_n: bool = True
+    allowed_accountants: tuple[str, ...] = ("rdp", "pld")
+
+
+@dataclass(frozen=True)
+class ExportRules:
+    max_parity_difference: float = 1e-4
+
+
+@dataclass(frozen=True)
+class FairnessRules:
+    attributes: tuple[str, ...] = ("sex", "age_group")
+    min_group_size: int = 10
+    min_worst_group_auroc: float | None = 0.55
+    max_abs_statistical_parity_difference: float | None = 0.15
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    privacy: PrivacyRules = field(default_factory=PrivacyRules)
+    export: ExportRules = field(default_factory=ExportRules)
+    fairness: FairnessRules = field(default_factory=FairnessRules)
+    source: str = "built-in defaults"
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.detail}"
+
+
+def load_policy(path: str | os.PathLike | None = None) -> ReleasePolicy:
+    """The policy at ``path``, or dpmedtf's own `release/policy.yaml`."""
+    path = Path(path) if path is not None else release_file(DEFAULT_POLICY)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read release policy {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a release policy is a mapping with sections privacy, export, fairness")
+    sections = {"privacy": PrivacyRules, "export": ExportRules, "fairness": FairnessRules}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"{path}: unknown policy section(s) {sorted(unknown)}; allowed: {sorted(sections)}")
+    parsed = {}
+    for name, cls in sections.items():
+        section = data.get(name) or {}
+        allowed = {f.name for f in fields(cls)}
+        if not isinstance(section, dict) or set(section) - allowed:
+            raise ConfigError(f"{path}: {name} has unknown rule(s) {sorted(set(section) - allowed)}; "
+                              f"allowed: {sorted(allowed)}")
+        parsed[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+    return ReleasePolicy(**parsed, source=str(path))
+
+
+def check_policy(policy: ReleasePolicy, certificate: Mapping[str, Any], fairness_report: Mapping[str, Any],
+                 parity: Mapping[str, Any]) -> list[Violation]:
+    violations = []
+    rules = policy.privacy
+    if certificate["epsilon"] > rules.max_epsilon:
+        violations.append(Violation("privacy.max_epsilon",
+                                    f"ε = {certificate['epsilon']:.4g} exceeds the limit {rules.max_epsilon:g}"))
+    if rules.require_delta_below_one_over_n and not certificate["delta"] < 1.0 / certificate["dataset_size"]:
+        violations.append(Violation("privacy.require_delta_below_one_over_n",
+                                    f"δ = {certificate['delta']:g} ≥ 1/N = {1.0 / certificate['dataset_size']:.3g} "
+                                    f"(N = {certificate['dataset_size']})"))
+    if certificate["accountant"] not in rules.allowed_accountants:
+        violations.append(Violation("privacy.allowed_accountants",
+                                    f"accountant {certificate['accountant']!r} is not one of {list(rules.allowed_accountants)}"))
+    if not parity["max_abs_difference"] <= policy.export.max_parity_difference or not parity["passed"]:
+        violations.append(Violation("export.max_parity_difference",
+                                    f"ONNX differs from Keras by {parity['max_abs_difference']:.3g} (limit "
+                                    f"{policy.export.max_parity_difference:g}) or changes a thresholded label"))
+    violations.extend(_fairness_violations(policy.fairness, fairness_report))
+    return violations
+
+
+def _fairness_violations(rules: FairnessRules, report: Mapping[str, Any]) -> list[Violation]:
+    violations = []
+    for attribute in rules.attributes:
+        rows = [r for r in report["rows"] if r["attribute"] == attribute and r["finding"] == "mean"]
+        if not rows:
+            violations.append(Violation("fairness.attributes", f"the fairness report has no rows for {attribute!r}"))
+            continue
+        held = [r for r in rows if r["n"] >= rules.min_group_size]
+        if rules.min_worst_group_auroc is not None:
+            scored = [r for r in held if r["auroc"] is not None and math.isfinite(r["auroc"])]
+            if scored:
+                worst = min(scored, key=lambda r: r["auroc"])
+                if worst["auroc"] < rules.min_worst_group_auroc:
+                    violations.append(Violation(
+                        "fairness.min_worst_group_auroc",
+                        f"{attribute} = {worst['group']} (n = {worst['n']}) has mean AUROC {worst['auroc']:.3f} "
+                        f"< {rules.min_worst_group_auroc:g}"))
+        if rules.max_abs_statistical_parity_difference is not None:
+            for row in held:
+                spd = row["statistical_parity_difference"]
+                if spd is not None and abs(spd) > rules.max_abs_statistical_parity_difference:
+                    violations.append(Violation(
+                        "fairness.max_abs_statistical_parity_difference",
+                        f"{attribute} = {row['group']} (n = {row['n']}) has statistical parity difference "
+                        f"{spd:+.3f}; limit ±{rules.max_abs_statistical_parity_difference:g}"))
+    return violations
