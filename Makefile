@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: test bench lock clean-venv node-example
+.PHONY: test demo bench lock clean-venv node-example
 
 # Re-installs only when the lock or the package metadata changed since the last install.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow" tests
+
+# The whole product on the embedded SYNTHETIC cohort; re-running resumes or skips finished stages.
+demo: $(STAMP)
+	$(VENV)/bin/dpmedtf demo --out runs/demo
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/calibration.py

@@ -105,6 +105,15 @@ class ReleaseConfig:
                                "abdominal CT, to be read by a clinician.", "intended use, stated in the model card")
 
 
+STAGES = ("prepare", "train", "evaluate", "release")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: tuple[Literal["prepare", "train", "evaluate", "release"], ...] = option(
+        STAGES, "stages `dpmedtf run` performs, in this order (a pipeline may stop early, e.g. without release)")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     name: str = option("job", "name of the job, used in reports")
@@ -114,6 +123,7 @@ class JobConfig:
     training: TrainingConfig = option(TrainingConfig(), "optimisation")
     evaluation: EvaluationConfig = option(EvaluationConfig(), "evaluation")
     release: ReleaseConfig = option(ReleaseConfig(), "release bundle")
+    pipeline: PipelineConfig = option(PipelineConfig(), "stages of `dpmedtf run`")
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -251,6 +261,9 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
     if (job.training.class_weights == "public_prior") != (job.training.class_prior is not None):
         raise ctx.fail("training.class_prior", "give class_prior (one prevalence per label) exactly when "
                                                "class_weights is public_prior")
+    stages = job.pipeline.stages
+    if not stages or list(stages) != [s for s in STAGES if s in stages]:
+        raise ctx.fail("pipeline.stages", f"must be distinct stages in the order {list(STAGES)}, got {list(stages)}")
     if job.privacy.epsilon_sweep:
         return job  # each run of the sweep is resolved for its own regime (training.job.sweep_members)
     return dataclasses.replace(

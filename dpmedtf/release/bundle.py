@@ -29,7 +29,7 @@ from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release import export
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
 from dpmedtf.release.policy import ReleasePolicy, Violation, check_policy
-from dpmedtf.release.resources import release_file, schema_problems
+from dpmedtf.resources import release_file, schema_problems
 from dpmedtf.release.layout import (BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE,
                                     PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED, sha256_file)
 from dpmedtf.release.signing import fingerprint, sign_bundle

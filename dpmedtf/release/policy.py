@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from dpmedtf.errors import ConfigError
-from dpmedtf.release.resources import release_file
+from dpmedtf.resources import release_file
 
 DEFAULT_POLICY = "policy.yaml"
 

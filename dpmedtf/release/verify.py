@@ -25,7 +25,7 @@ from dpmedtf.errors import DpmedtfError
 from dpmedtf.release.certificate import check_consistency
 from dpmedtf.release.layout import (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE, PUBLIC_KEY_FILE,
                                     REQUIRED_FILES, SUMS_FILE, UNSUMMED, sha256_file)
-from dpmedtf.release.resources import schema_problems
+from dpmedtf.resources import schema_problems
 from dpmedtf.release.signing import SigningError, fingerprint, verify_signature
 
 PUBLIC_KEY_ENVIRONMENT = "DPMEDTF_PUBLIC_KEY"

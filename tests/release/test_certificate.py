@@ -8,7 +8,7 @@ import pytest
 from dpmedtf.privacy import accounting
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release.certificate import CertificateError, build_certificate, check_consistency
-from dpmedtf.release.resources import schema_problems
+from dpmedtf.resources import schema_problems
 
 
 def ledger(delta=1e-5, unit="image", steps=(400,), **notes) -> Ledger:

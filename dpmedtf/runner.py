@@ -1,0 +1,280 @@
+"""`dpmedtf run`: a job's stages — prepare → train → evaluate → release — resumable and on record.
+
+Each finished stage leaves ``<out>/stages/<stage>.json`` with the resolved config and the SHA-256 of
+its inputs. Re-running skips a stage whose record matches; re-runs one whose inputs changed because an
+earlier stage ran again; refuses, naming the changed keys, when the config itself changed (``--force
+STAGE`` redoes it, and the record says so). Training that was interrupted resumes from its last
+checkpoint with its ledger intact. A finished release is never overwritten.
+
+Everything a run could fail on in its configuration — unknown keys, a missing manifest, a bad manifest
+row, a missing signing key or policy — is checked before the first stage starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _datetime
+import hashlib
+import html
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from dpmedtf.config import STAGES, JobConfig, config_to_dict
+from dpmedtf.errors import ConfigError, DpmedtfError
+from dpmedtf.files import write_json_atomic
+
+RECORD_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    status: str
+    """'ran', 'skipped' (already finished with the same config and inputs) or 'forced'."""
+    seconds: float
+    outputs: dict
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _config_digest(job: JobConfig) -> str:
+    return hashlib.sha256(json.dumps(config_to_dict(job), sort_keys=True).encode()).hexdigest()
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys.extend(_changed_keys(a, b, path))
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def check_before_running(job: JobConfig) -> None:
+    """Fails on anything in the job that would stop a later stage, before any stage runs."""
+    from dpmedtf.data.manifests import load_manifest
+    from dpmedtf.training.job import sweep_members
+
+    data = job.data
+    if data.manifest is None:
+        raise ConfigError("data.manifest is required: give the path of the manifest CSV")
+    if not Path(data.manifest).is_file():
+        raise ConfigError(f"data.manifest: file not found: {data.manifest}")
+    load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)  # every row checked
+    members = sweep_members(job)
+    if job.model.pretrained_weights is not None and not Path(job.model.pretrained_weights).exists():
+        raise ConfigError(f"model.pretrained_weights: not found: {job.model.pretrained_weights}")
+    if "release" in job.pipeline.stages:
+        from dpmedtf.release.policy import load_policy
+
+        settings = job.release
+        names = [name for name, _ in members]
+        if len(members) > 1 and settings.member not in names:
+            raise ConfigError(f"release.member must name the sweep model to release, one of {names}")
+        released = dict(members).get(settings.member) if len(members) > 1 else members[0][1]
+        if not released.privacy.enabled:
+            raise ConfigError("the release stage needs a DP-trained model; release.member names a non-private one")
+        if settings.private_key is None or not Path(settings.private_key).is_file():
+            raise ConfigError(f"release.private_key: signing key not found ({settings.private_key}); create one "
+                              "with `dpmedtf keygen` or remove release from pipeline.stages")
+        public_key = settings.public_key or Path(settings.private_key).with_suffix(".pub")
+        if not Path(public_key).is_file():
+            raise ConfigError(f"release.public_key: not found: {public_key}")
+        load_policy(settings.policy)
+
+
+class Pipeline:
+    """Runs the stages of one job into ``out``."""
+
+    def __init__(self, job: JobConfig, out: str | os.PathLike, force: Iterable[str] = (),
+                 log: Callable[[str], None] | None = None):
+        unknown = set(force) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
+        self.job, self.out, self.force = job, Path(out), set(force)
+        self.records = self.out / "stages"
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self._prepared = None
+
+    # --- records ------------------------------------------------------------------------------------
+
+    def _record_path(self, stage: str) -> Path:
+        return self.records / f"{stage}.json"
+
+    def _record(self, stage: str) -> dict | None:
+        path = self._record_path(stage)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _decide(self, stage: str, inputs: dict, upstream_redone: bool) -> str:
+        """'skip', 'run' (fresh, or resuming an unfinished stage) or 'force' (redo a finished one)."""
+        record = self._record(stage)
+        if stage in self.force:
+            return "force"
+        if record is None or record.get("status") != "finished":
+            return "run"
+        if record["config_sha256"] != _config_digest(self.job):
+            changed = _changed_keys(record["config"], config_to_dict(self.job))
+            raise DpmedtfError(f"stage {stage} in {self.out} finished with a different configuration (changed: "
+                               f"{', '.join(changed) or 'unknown'}); pass --force {stage} to redo it (and the stages "
+                               "after it), or use a new --out")
+        if record["inputs"] == inputs:
+            return "skip"
+        if upstream_redone:  # an earlier stage was redone in this run: its consumers follow
+            return "force"
+        changed = sorted(k for k in set(record["inputs"]) | set(inputs) if record["inputs"].get(k) != inputs.get(k))
+        raise DpmedtfError(f"the inputs of stage {stage} changed since it finished ({', '.join(changed)}); pass "
+                           f"--force {stage} to redo it, or use a new --out")
+
+    def _write_record(self, stage: str, inputs: dict, outputs: dict, seconds: float, decision: str) -> None:
+        previous = self._record(stage)
+        history = (previous or {}).get("history", [])
+        if previous and previous.get("status") == "finished":
+            history = [*history, {k: previous[k] for k in ("finished_at", "inputs") if k in previous}]
+        write_json_atomic(self._record_path(stage), {
+            "format": RECORD_FORMAT, "stage": stage, "status": "finished", "forced": decision == "force",
+            "config_sha256": _config_digest(self.job), "config": config_to_dict(self.job), "inputs": inputs,
+            "outputs": outputs, "seconds": seconds,
+            "finished_at": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
+            "history": history})
+
+    # --- stages -------------------------------------------------------------------------------------
+
+    def run(self) -> list[StageOutcome]:
+        check_before_running(self.job)
+        self.out.mkdir(parents=True, exist_ok=True)
+        stages = self.job.pipeline.stages
+        outcomes, redone = [], False
+        for number, stage in enumerate(stages, 1):
+            started = time.monotonic()
+            inputs = getattr(self, f"_{stage}_inputs")()
+            decision = self._decide(stage, inputs, redone)
+            redone = redone or decision == "force"
+            if decision == "skip":
+                self.log(f"[{number}/{len(stages)}] {stage}: already finished with the same config and inputs, skipped")
+                outcomes.append(StageOutcome(stage, "skipped", 0.0, self._record(stage)["outputs"]))
+                continue
+            self.log(f"[{number}/{len(stages)}] {stage}" + (" (forced)" if decision == "force" else "") + " …")
+            outputs = getattr(self, f"_{stage}")(decision == "force")
+            seconds = time.monotonic() - started
+            self._write_record(stage, inputs, outputs, seconds, decision)
+            self.log(f"[{number}/{len(stages)}] {stage}: done in {seconds:.0f} s")
+            outcomes.append(StageOutcome(stage, "forced" if decision == "force" else "ran", seconds, outputs))
+        write_summary_page(self.out, self.job, outcomes, self._prepare_data().cohort.synthetic)
+        return outcomes
+
+    def _prepare_data(self):
+        if self._prepared is None:
+            from dpmedtf.progress import progress_bar
+            from dpmedtf.training.job import prepare_data
+
+            with progress_bar("preparing images", 1) as advance:
+                self._prepared = prepare_data(self.job, self.out, progress=advance)
+        return self._prepared
+
+    def _members(self) -> list[tuple[str, Path, JobConfig]]:
+        from dpmedtf.training.job import sweep_members
+
+        return [(name or self.job.name, self.out / name if name else self.out, member)
+                for name, member in sweep_members(self.job)]
+
+    def _prepare_inputs(self) -> dict:
+        return {"manifest": _sha256(Path(self.job.data.manifest))}
+
+    def _prepare(self, force: bool) -> dict:
+        prepared = self._prepare_data()
+        return {"cache": str(prepared.directory), "images": len(prepared.cohort.frame),
+                "quarantined": len(prepared.quarantine), "synthetic_data": prepared.cohort.synthetic}
+
+    def _train_inputs(self) -> dict:
+        return {"prepared": self._prepare_data().directory.name}
+
+    def _train(self, force: bool) -> dict:
+        from dpmedtf.training.trainer import train
+
+        prepared = self._prepare_data()
+        outputs = {}
+        for name, directory, member in self._members():
+            summary = directory / "training.json"
+            finished = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
+            if finished and not force:
+                self.log(f"  {name}: finished earlier, kept")
+            else:
+                self.log(f"  training {name}")
+                train(member, prepared, directory, force=force)
+            outputs[name] = {"model": str(directory / "model.keras"),
+                             "epsilon": json.loads(summary.read_text()).get("epsilon")}
+        return outputs
+
+    def _model_hashes(self) -> dict:
+        return {name: _sha256(directory / "model.keras") if (directory / "model.keras").is_file() else None
+                for name, directory, _ in self._members()}
+
+    def _evaluate_inputs(self) -> dict:
+        return {"models": self._model_hashes()}
+
+    def _evaluate(self, force: bool) -> dict:
+        from dpmedtf.evaluation.job import evaluate_job
+
+        # Evaluation is a pure function of model and data: redoing an unfinished one is always safe.
+        members, report = evaluate_job(self.job, self.out, force=True)
+        return {"report": str(report), **{m.name: {"mean_auroc": m.metrics["mean"]["auroc"]} for m in members}}
+
+    def _release_inputs(self) -> dict:
+        inputs = {"models": self._model_hashes()}
+        for name, directory, _ in self._members():
+            for file in ("metrics.json", "fairness_report.json", "thresholds.json"):
+                path = directory / "evaluation" / file
+                inputs[f"{name}/{file}"] = _sha256(path) if path.is_file() else None
+        return inputs
+
+    def _release(self, force: bool) -> dict:
+        from dpmedtf.release.job import release_job
+
+        bundle = self.out / "bundle"
+        if bundle.exists():
+            raise DpmedtfError(f"{bundle} already exists and dpmedtf never overwrites a release; move it away "
+                               "yourself if you mean to replace it, then run again")
+        release_job(self.job, self.out, bundle)
+        return {"bundle": str(bundle)}
+
+
+def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], synthetic: bool) -> Path:
+    """``<out>/index.html``: what ran, and links to the report, plots, certificate and bundle."""
+    links = []
+    for label, relative in (("Evaluation report", "report.html"), ("Privacy–utility plot", "privacy_utility.png"),
+                            ("AUROC per finding", "auroc_per_finding.png"), ("Subgroups by sex", "subgroups_sex.png"),
+                            ("Subgroups by age", "subgroups_age_group.png"), ("Release bundle", "bundle/"),
+                            ("Privacy certificate", "bundle/privacy_certificate.json"),
+                            ("Model card", "bundle/model_card.md"), ("Fairness report", "bundle/fairness_report.md"),
+                            ("Predictions on the real radiograph", "predictions_RG1_UNCR.csv")):
+        if (out / relative).exists():
+            links.append(f'<li><a href="{html.escape(relative)}">{html.escape(label)}</a></li>')
+    rows = "".join(f"<tr><td>{o.stage}</td><td>{o.status}</td><td>{o.seconds:.0f} s</td></tr>" for o in outcomes)
+    banner = ('<p class="synthetic">SYNTHETIC DATA: generated images, not patients; no clinical claim rests on '
+              'these results.</p>') if synthetic else ""
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>dpmedtf run: {html.escape(job.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .7rem;text-align:left}}
+.synthetic{{background:#fff3cd;border:1px solid #e0b000;padding:.6rem}}</style></head><body>
+<h1>dpmedtf run: {html.escape(job.name)}</h1>{banner}
+<h2>Stages</h2><table><tr><th>stage</th><th>this run</th><th>time</th></tr>{rows}</table>
+<h2>Results</h2><ul>{''.join(links) or '<li>nothing yet</li>'}</ul>
+<p>Stage records with resolved configuration and input hashes: <code>stages/*.json</code>.
+TensorBoard logs: <code>tensorboard --logdir {html.escape(str(out))}</code>.</p></body></html>
+"""
+    path = out / "index.html"
+    path.write_text(page)
+    return path
