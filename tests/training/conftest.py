@@ -5,13 +5,6 @@ import yaml
 
 from dpmedtf.data.cache import PreprocessSpec, prepare
 from dpmedtf.data.manifests import load_manifest
-from dpmedtf.data.synthetic import SyntheticCohortSpec, write_synthetic_cohort
-
-
-@pytest.fixture(scope="session")
-def cohort_manifest(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("training-cohort")
-    return write_synthetic_cohort(out, SyntheticCohortSpec(patients=30, image_size=48, seed=5))["radiograph"]
 
 
 @pytest.fixture(scope="session")
