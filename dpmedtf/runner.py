@@ -251,6 +251,13 @@ class Pipeline:
         return {"bundle": str(bundle)}
 
 
+def _model_row(name: str, trained: dict, evaluated: dict) -> str:
+    epsilon = "non-private" if trained.get("epsilon") is None else f"{trained['epsilon']:.3g}"
+    auroc = evaluated.get("mean_auroc")
+    return (f"<tr><td>{html.escape(name)}</td><td>{epsilon}</td>"
+            f"<td>{'not evaluated' if auroc is None else f'{auroc:.3f}'}</td></tr>")
+
+
 def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], synthetic: bool) -> Path:
     """``<out>/index.html``: what ran, and links to the report, plots, certificate and bundle."""
     links = []
@@ -262,7 +269,13 @@ def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], 
                             ("Predictions on the real radiograph", "predictions_RG1_UNCR.csv")):
         if (out / relative).exists():
             links.append(f'<li><a href="{html.escape(relative)}">{html.escape(label)}</a></li>')
-    rows = "".join(f"<tr><td>{o.stage}</td><td>{o.status}</td><td>{o.seconds:.0f} s</td></tr>" for o in outcomes)
+    rows = "".join(f"<tr><td>{o.stage}</td><td>{'done earlier, skipped' if o.status == 'skipped' else o.status}</td>"
+                   f"<td>{'—' if o.status == 'skipped' else f'{o.seconds:.0f} s'}</td></tr>" for o in outcomes)
+    by_stage = {o.stage: o.outputs for o in outcomes}
+    models = "".join(_model_row(name, trained, by_stage.get("evaluate", {}).get(name, {}))
+                     for name, trained in by_stage.get("train", {}).items())
+    models_table = (f"<h2>Models</h2><table><tr><th>model</th><th>ε spent</th><th>mean test AUROC</th></tr>{models}</table>"
+                    if models else "")
     banner = ('<p class="synthetic">SYNTHETIC DATA: generated images, not patients; no clinical claim rests on '
               'these results.</p>') if synthetic else ""
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>dpmedtf run: {html.escape(job.name)}</title>
@@ -270,7 +283,7 @@ def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], 
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .7rem;text-align:left}}
 .synthetic{{background:#fff3cd;border:1px solid #e0b000;padding:.6rem}}</style></head><body>
 <h1>dpmedtf run: {html.escape(job.name)}</h1>{banner}
-<h2>Stages</h2><table><tr><th>stage</th><th>this run</th><th>time</th></tr>{rows}</table>
+<h2>Stages</h2><table><tr><th>stage</th><th>this run</th><th>time</th></tr>{rows}</table>{models_table}
 <h2>Results</h2><ul>{''.join(links) or '<li>nothing yet</li>'}</ul>
 <p>Stage records with resolved configuration and input hashes: <code>stages/*.json</code>.
 TensorBoard logs: <code>tensorboard --logdir {html.escape(str(out))}</code>.</p></body></html>
