@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 from dpmedtf.config import STAGES, JobConfig, config_to_dict
 from dpmedtf.errors import ConfigError, DpmedtfError
-from dpmedtf.files import write_json_atomic
+from dpmedtf.files import sha256_file, write_json_atomic
 
 RECORD_FORMAT = 1
 
@@ -37,14 +37,6 @@ class StageOutcome:
     """'ran', 'skipped' (already finished with the same config and inputs) or 'forced'."""
     seconds: float
     outputs: dict
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _config_digest(job: JobConfig) -> str:
@@ -191,7 +183,7 @@ class Pipeline:
                 for name, member in sweep_members(self.job)]
 
     def _prepare_inputs(self) -> dict:
-        return {"manifest": _sha256(Path(self.job.data.manifest))}
+        return {"manifest": sha256_file(Path(self.job.data.manifest))}
 
     def _prepare(self, force: bool) -> dict:
         prepared = self._prepare_data()
@@ -219,7 +211,7 @@ class Pipeline:
         return outputs
 
     def _model_hashes(self) -> dict:
-        return {name: _sha256(directory / "model.keras") if (directory / "model.keras").is_file() else None
+        return {name: sha256_file(directory / "model.keras") if (directory / "model.keras").is_file() else None
                 for name, directory, _ in self._members()}
 
     def _evaluate_inputs(self) -> dict:
@@ -237,7 +229,7 @@ class Pipeline:
         for name, directory, _ in self._members():
             for file in ("metrics.json", "fairness_report.json", "thresholds.json"):
                 path = directory / "evaluation" / file
-                inputs[f"{name}/{file}"] = _sha256(path) if path.is_file() else None
+                inputs[f"{name}/{file}"] = sha256_file(path) if path.is_file() else None
         return inputs
 
     def _release(self, force: bool) -> dict:

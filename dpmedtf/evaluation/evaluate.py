@@ -7,7 +7,6 @@ them uses private validation labels outside DP, which the files state.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -29,8 +29,9 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
             raise DpmedtfError(f"no trained model at {member_dir / 'model.keras'}; train the job first")
         if (out / "metrics.json").exists() and not force:
             raise DpmedtfError(f"{out} already holds an evaluation; pass --force to replace it")
-        metrics = evaluate(load_model(member_dir / "model.keras"), prepared, out, member.evaluation.bootstrap_redraws,
-                           member.evaluation.seed)
+        # The written files, not the in-memory dict, are what every later reader sees (NaN → null).
+        evaluate(load_model(member_dir / "model.keras"), prepared, out, member.evaluation.bootstrap_redraws,
+                 member.evaluation.seed)
         members.append(SweepMember(name or job.name, member.privacy.target_epsilon if member.privacy.enabled else None,
                                    json.loads((out / "metrics.json").read_text()), pd.read_csv(out / "predictions.csv"),
                                    json.loads((out / "fairness_report.json").read_text())))

@@ -24,14 +24,14 @@ import numpy as np
 
 from dpmedtf import __version__
 from dpmedtf.errors import DpmedtfError
-from dpmedtf.files import json_safe
+from dpmedtf.files import json_safe, sha256_file
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release import export
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
 from dpmedtf.release.policy import ReleasePolicy, Violation, check_policy
 from dpmedtf.resources import release_file, schema_problems
 from dpmedtf.release.layout import (BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE,
-                                    PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED, sha256_file)
+                                    PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED)
 from dpmedtf.release.signing import fingerprint, sign_bundle
 from dpmedtf.release.verify import verify_bundle
 

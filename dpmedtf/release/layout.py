@@ -1,9 +1,6 @@
-"""What a release bundle directory contains, and the file digest both its writer and its readers use."""
+"""What a release bundle directory contains."""
 
 from __future__ import annotations
-
-import hashlib
-from pathlib import Path
 
 from dpmedtf.release.signing import SIGNATURE_FILE
 
@@ -19,10 +16,3 @@ REQUIRED_FILES = (MODEL_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, "fairness_report.
 UNSUMMED = (SUMS_FILE, SIGNATURE_FILE)
 """SHA256SUMS cannot hash itself; the signature covers SHA256SUMS and is checked by its own means."""
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

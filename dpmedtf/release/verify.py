@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from dpmedtf.errors import DpmedtfError
+from dpmedtf.files import sha256_file
 from dpmedtf.release.certificate import check_consistency
 from dpmedtf.release.layout import (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE, PUBLIC_KEY_FILE,
-                                    REQUIRED_FILES, SUMS_FILE, UNSUMMED, sha256_file)
+                                    REQUIRED_FILES, SUMS_FILE, UNSUMMED)
 from dpmedtf.resources import schema_problems
 from dpmedtf.release.signing import SigningError, fingerprint, verify_signature
 
