@@ -80,6 +80,7 @@ class TrainingConfig:
     max_physical_batch: int = option(32, "largest chunk computed at once; bigger logical batches accumulate chunks", ge=1)
     learning_rate: Optional[float] = option(None, "NAdam learning rate; default 5e-4 with DP, 5e-5 without (paper)", gt=0.0)
     optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
+    clipping: Literal["fast", "vectorized"] = option("fast", "DP per-example clipping engine: fast (layer-wise ghost/instantiated norms, book-keeping; no Jacobians) or vectorized (tensorflow-privacy's tape.jacobian optimizer); both give the same clipped sum")
     augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip; default on without DP, off with DP (paper)")
     class_weights: Literal["inverse_frequency", "public_prior", "none"] = option("inverse_frequency", "BCE weighting: inverse class frequency of the training labels (a non-DP use of private data, stated in the certificate), of a public prior (class_prior), or none")
     class_prior: Optional[tuple[float, ...]] = option(None, "with class_weights: public_prior, each label's prevalence from public data", gt=0.0, lt=1.0)

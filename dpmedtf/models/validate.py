@@ -22,10 +22,11 @@ class DpIncompatibleModelError(DpmedtfError):
     """The model has layers that DP-SGD cannot train with a per-example guarantee."""
 
 
-def _leaf_layers(model: tf.keras.layers.Layer):
+def leaf_layers(model: tf.keras.layers.Layer):
+    """Every layer of ``model``, looking inside nested models."""
     for layer in getattr(model, "layers", []):
         if getattr(layer, "layers", None):  # a nested model or Sequential: look inside
-            yield from _leaf_layers(layer)
+            yield from leaf_layers(layer)
         else:
             yield layer
 
@@ -39,7 +40,7 @@ def dp_problems(model: tf.keras.Model) -> list[str]:
     """Every reason ``model`` cannot be trained with DP-SGD, one line each (empty when it can)."""
     problems = []
     supported = ", ".join(cls.__name__ for cls in CLIPPABLE_LAYERS)
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         kind = type(layer).__name__
         if _mixes_examples(layer):
             problems.append(f"layer '{layer.name}' ({kind}) mixes examples within a batch through batch "

@@ -89,6 +89,7 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
         "non_dp_uses_of_private_data": uses,
         "public_pretraining": {"weights": notes.get("pretrained_weights"), "data": notes.get("pretrained_on")},
         "noise": {"generator": notes.get("noise_rng"), "normalisation": notes.get("normalisation")},
+        "clipping": {"engine": notes.get("clipping_engine")},
         "synthetic_data": bool(notes.get("synthetic_data")),
         "software": software_versions(),
         "issued_at": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -29,6 +29,7 @@ from dpmedtf.errors import DpmedtfError
 from dpmedtf.models import build_resnet9, convert_to_acs, load_model, validate_for_dp
 from dpmedtf.privacy import accounting
 from dpmedtf.files import write_json_atomic
+from dpmedtf.privacy.clipping import check_supported, fast_clipped_gradient_sum
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
 from dpmedtf.training.losses import inverse_frequency_weights, prior_weights, weighted_bce_per_example
@@ -61,6 +62,8 @@ class TrainingPlan:
     accountant: str | None
     epsilon_budget: float | None
     planned_epsilon: float | None
+    clipping: str | None = None
+    """Per-example clipping engine with DP: "fast" or "vectorized" (``privacy.clipping``/``privacy.optimizers``)."""
 
     @property
     def sampling_rate(self) -> float:
@@ -96,7 +99,27 @@ def plan_training(config: JobConfig, prepared: PreparedData) -> TrainingPlan:
         budget = privacy.epsilon_budget
     k = privacy.max_images_per_patient if patient_unit else 1
     return TrainingPlan(True, dataset_size, batch_size, steps, steps_per_epoch, float(sigma), privacy.clip_norm,
-                        privacy.clip_norm / k, k, privacy.unit, privacy.delta, privacy.accountant, budget, planned)
+                        privacy.clip_norm / k, k, privacy.unit, privacy.delta, privacy.accountant, budget, planned,
+                        training.clipping)
+
+
+CLIPPING_ENGINES = {
+    "fast": "dpmedtf fast clipping: per-layer per-example norms (ghost or instantiated), book-keeping clipped sum",
+    "vectorized": "tensorflow-privacy vectorized DP optimizer: per-example gradients by tape.jacobian",
+}
+
+
+def make_optimizer(plan: TrainingPlan, learning_rate: float, network: tf.keras.Model):
+    """NAdam; with the vectorized engine tensorflow-privacy's DP NAdam, which also does the clipping.
+
+    The fast engine clips before the optimizer sees the gradient, so it takes Keras' NAdam itself (the
+    DP NAdam's update is that same NAdam update; only its gradient computation differs).
+    """
+    if plan.dp and plan.clipping == "vectorized":
+        return make_dp_nadam(learning_rate, plan.example_clip_norm)
+    if plan.dp:
+        check_supported(network)
+    return tf.keras.optimizers.legacy.Nadam(learning_rate)
 
 
 class _StepModel(tf.keras.Model):
@@ -129,9 +152,14 @@ class _StepModel(tf.keras.Model):
         variables = self.network.trainable_variables
 
         def chunk_gradient_sum():
+            def per_example_loss(logits):
+                return weighted_bce_per_example(labels, logits, self.positive_weight, self.negative_weight)
+
+            if self.plan.dp and self.plan.clipping == "fast":
+                clipped = fast_clipped_gradient_sum(self.network, images, per_example_loss, self.plan.example_clip_norm)
+                return list(clipped.sums), tf.reduce_sum(clipped.per_example_losses)
             with tf.GradientTape() as tape:
-                losses = weighted_bce_per_example(labels, self.network(images, training=True),
-                                                  self.positive_weight, self.negative_weight)
+                losses = per_example_loss(self.network(images, training=True))
                 total = tf.reduce_sum(losses)  # inside the tape, or its gradient is None
             if self.plan.dp:
                 sums = clipped_gradient_sum(self.step_optimizer, losses, variables, tape)
@@ -325,9 +353,9 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     network = _build_network(config, prepared, labels.shape[1])
     if plan.dp:
         validate_for_dp(network)
-        optimizer = make_dp_nadam(config.training.learning_rate, plan.example_clip_norm)
+        optimizer = make_optimizer(plan, config.training.learning_rate, network)
     else:
-        optimizer = tf.keras.optimizers.legacy.Nadam(config.training.learning_rate)
+        optimizer = make_optimizer(plan, config.training.learning_rate, network)
     if config.training.class_weights == "inverse_frequency":
         positive_weight, negative_weight = inverse_frequency_weights(labels)
     elif config.training.class_weights == "public_prior":
@@ -416,6 +444,7 @@ def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedDat
                         "noise_rng": "tf.random.Generator (Philox), seeded from OS entropy" if config.privacy.noise_seed is None
                         else f"tf.random.Generator (Philox), fixed seed {config.privacy.noise_seed} (reproducible experiments only)",
                         "normalisation": "noised clipped sum divided by the expected batch size",
+                        "clipping_engine": CLIPPING_ENGINES[plan.clipping],
                         "max_images_per_patient_per_step": plan.max_images_per_patient if plan.unit_of_privacy == "patient" else None,
                         "images_per_patient_max": int(prepared.cohort.frame.loc[split_rows(prepared, "train")]
                                                       .groupby("patient_id").size().max()),

@@ -82,15 +82,16 @@ def test_noise_standard_deviation_is_sigma_times_c():
     assert not np.array_equal(again[0].numpy(), draws[0].numpy())  # fresh noise every step
 
 
-@pytest.mark.parametrize("dp", [True, False])
+@pytest.mark.parametrize("engine", ["fast", "vectorized", None])  # None: the non-private step
 @pytest.mark.parametrize("graph", [True, False])
-def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(dp, graph):
+def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(engine, graph):
     """The trainer's step with noise 0 and plain SGD, eagerly and as Keras fit runs it (graph): DP updates
     by −lr·(Σ clipped)/B over both chunks; non-private by −lr·(mean gradient). A large lr keeps the weight
     differences well above float32 rounding of the weights themselves."""
     lr = 1000.0
     from dpmedtf.training.trainer import TrainingPlan, _StepModel
 
+    dp = engine is not None
     model = tiny_model(2)
     images, labels = batch(7, seed=2)
     clip, expected_b = 0.2, 10
@@ -98,14 +99,15 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(dp,
         expected, _ = brute_force_clipped_sum(model, images, labels, clip)
         expected = [e / expected_b for e in expected]
         optimizer = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
-            l2_norm_clip=clip, noise_multiplier=0.0, learning_rate=lr)
+            l2_norm_clip=clip, noise_multiplier=0.0, learning_rate=lr) if engine == "vectorized" \
+            else tf.keras.optimizers.legacy.SGD(lr)
     else:
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(weighted_bce_per_example(labels, model(images, training=True), ONES, ONES))
         expected = tape.gradient(loss, model.trainable_variables)
         optimizer = tf.keras.optimizers.legacy.SGD(lr)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    plan = TrainingPlan(dp, 100, expected_b, 1, 10, 0.0, clip, clip, 1, "image", 1e-5, "rdp", None, None)
+    plan = TrainingPlan(dp, 100, expected_b, 1, 10, 0.0, clip, clip, 1, "image", 1e-5, "rdp", None, None, engine)
     step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
     train_step = tf.function(step_model.train_step) if graph else step_model.train_step
     for chunk, (start, stop) in enumerate(((0, 4), (4, 7))):
@@ -118,14 +120,16 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(dp,
     assert all(float(tf.reduce_max(tf.abs(a))) == 0 for a in step_model.accumulators)  # reset for the next step
 
 
-def test_an_empty_poisson_step_still_adds_noise():
+@pytest.mark.parametrize("engine", ["fast", "vectorized"])
+def test_an_empty_poisson_step_still_adds_noise(engine):
     from dpmedtf.training.trainer import TrainingPlan, _StepModel
 
     model = tiny_model(3)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    plan = TrainingPlan(True, 100, 10, 1, 10, 1.0, 1.0, 1.0, 1, "image", 1e-5, "rdp", None, None)
+    plan = TrainingPlan(True, 100, 10, 1, 10, 1.0, 1.0, 1.0, 1, "image", 1e-5, "rdp", None, None, engine)
     sgd = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
-        l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=1.0)
+        l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=1.0) if engine == "vectorized" \
+        else tf.keras.optimizers.legacy.SGD(1.0)
     step_model = _StepModel(model, plan, sgd, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
     tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
                                         "chunk": tf.constant(0), "chunks_in_step": tf.constant(1),
