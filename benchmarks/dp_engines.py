@@ -1,0 +1,137 @@
+"""DP engines side by side in one run: non-private, fast, tensorflow-privacy vectorized, and Opacus 1.6.
+
+For every image size and batch size, runs one process per engine in turn (so each sees the same machine
+load and its own peak memory): benchmarks/dp_step.py for the TensorFlow engines and
+benchmarks/opacus_step.py (PyTorch 2.13 CPU + Opacus 1.6, in its own virtual environment, created on
+first use) for the PyTorch ones. Writes benchmarks/results/dp_engines.json and .md.
+
+  python benchmarks/dp_engines.py [--batch-sizes 16 32 64] [--image-sizes 64 128] [--steps 8]
+                                  [--large 128:224]   # also: can the fast engine train B=128 at 224 px?
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import venv
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TF_ENGINES = ("nondp", "fast", "vectorized")
+TORCH_ENGINES = ("torch-nondp", "opacus", "opacus-ghost")
+TORCH_REQUIREMENTS = ("torch==2.13.0", "opacus==1.6.0", "numpy<2")
+# tensorflow-privacy's vectorized engine needs ≈ 10.7 GB at B=32, 128 px and grows linearly with B·H²;
+# beyond this many pixels per step it would not fit beside the other processes, so it is not run there.
+VECTORIZED_MAX_PIXELS = 32 * 128 * 128
+
+
+def torch_python(env_dir: Path) -> Path:
+    python = env_dir / "bin" / "python"
+    if not python.exists():
+        print(f"creating {env_dir} with {' '.join(TORCH_REQUIREMENTS)} (once)", flush=True)
+        venv.create(env_dir, with_pip=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *TORCH_REQUIREMENTS], check=True)
+    return python
+
+
+def run_engine(engine: str, batch_size: int, image_size: int, steps: int, out: Path, python_for_torch: Path) -> dict:
+    script, python = (("opacus_step.py", python_for_torch) if engine in TORCH_ENGINES
+                      else ("dp_step.py", Path(sys.executable)))
+    command = [str(python), str(HERE / script), "--engine", engine, "--batch-size", str(batch_size),
+               "--image-size", str(image_size), "--steps", str(steps), "--json", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if completed.returncode != 0:
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:]
+        return {"engine": engine, "batch_size": batch_size, "image_size": image_size, "error": " ".join(tail)}
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--engines", nargs="+", default=[*TF_ENGINES, *TORCH_ENGINES],
+                        choices=[*TF_ENGINES, *TORCH_ENGINES])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--large", help="B:H for one extra fast-engine run (memory at scale), e.g. 128:224")
+    parser.add_argument("--torch-venv", type=Path, default=HERE / ".venv-opacus")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "dp_engines.json")
+    args = parser.parse_args()
+    python_for_torch = torch_python(args.torch_venv) if set(args.engines) & set(TORCH_ENGINES) else None
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for image_size in args.image_sizes:
+            for batch_size in args.batch_sizes:
+                for engine in args.engines:
+                    if engine == "vectorized" and batch_size * image_size ** 2 > VECTORIZED_MAX_PIXELS:
+                        results.append({"engine": engine, "batch_size": batch_size, "image_size": image_size,
+                                        "skipped": "memory: grows with B·H², > 20 GB expected here"})
+                        continue
+                    result = run_engine(engine, batch_size, image_size, args.steps,
+                                        Path(tmp) / f"{engine}-{batch_size}-{image_size}.json", python_for_torch)
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
+        large = None
+        if args.large:
+            batch_size, image_size = (int(v) for v in args.large.split(":"))
+            large = run_engine("fast", batch_size, image_size, 2, Path(tmp) / "large.json", python_for_torch)
+            print(json.dumps(large), flush=True)
+    rows = comparison_rows(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": results, "comparison": rows, "large": large}, indent=2))
+    table = markdown_table(rows, large)
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def comparison_rows(results: list[dict]) -> list[dict]:
+    by_key = {(r["image_size"], r["batch_size"], r["engine"]): r for r in results}
+    rows = []
+    for image_size, batch_size in sorted({(r["image_size"], r["batch_size"]) for r in results}):
+        def get(engine, field):
+            return by_key.get((image_size, batch_size, engine), {}).get(field)
+
+        row = {"image_size": image_size, "batch_size": batch_size}
+        for engine in (*TF_ENGINES, *TORCH_ENGINES):
+            row[f"{engine}_samples_per_s"] = get(engine, "samples_per_s")
+            row[f"{engine}_peak_rss_mb"] = get(engine, "peak_rss_mb")
+        fast, nondp = row["fast_samples_per_s"], row["nondp_samples_per_s"]
+        row["fast_step_time_vs_nondp"] = nondp / fast if fast and nondp else None
+        row["fast_memory_vs_nondp"] = (row["fast_peak_rss_mb"] / row["nondp_peak_rss_mb"]
+                                       if row["fast_peak_rss_mb"] and row["nondp_peak_rss_mb"] else None)
+        opacus = row["opacus_samples_per_s"]
+        row["fast_vs_opacus_throughput"] = fast / opacus if fast and opacus else None
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], large: dict | None) -> str:
+    def number(value, digits=1):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| px | B | non-DP | fast DP | vectorized DP | Opacus | Opacus ghost | PyTorch non-DP | fast step time ÷ non-DP "
+             "| fast memory ÷ non-DP | fast ÷ Opacus | memory MB non-DP / fast / vectorized / Opacus |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        memory = " / ".join(number(r[f"{e}_peak_rss_mb"], 0) for e in ("nondp", "fast", "vectorized", "opacus"))
+        lines.append(f"| {r['image_size']} | {r['batch_size']} | {number(r['nondp_samples_per_s'])} "
+                     f"| {number(r['fast_samples_per_s'])} | {number(r['vectorized_samples_per_s'])} "
+                     f"| {number(r['opacus_samples_per_s'])} | {number(r['opacus-ghost_samples_per_s'])} "
+                     f"| {number(r['torch-nondp_samples_per_s'])} | {number(r['fast_step_time_vs_nondp'], 2)}× "
+                     f"| {number(r['fast_memory_vs_nondp'], 2)}× | {number(r['fast_vs_opacus_throughput'], 2)}× | {memory} |")
+    text = ("Samples/s of one training step of the 4.9M-parameter GroupNorm ResNet9 (Mish, 8 outputs), CPU, "
+            "each engine in its own process, measured in turn in one run.\n\n" + "\n".join(lines) + "\n")
+    if large:
+        text += (f"\nFast DP at B = {large['batch_size']}, {large['image_size']} px: "
+                 + (f"{large['samples_per_s']:.1f} samples/s, peak memory {large['peak_rss_mb'] / 1024:.1f} GB\n"
+                    if "samples_per_s" in large else f"failed: {large.get('error')}\n"))
+    return text
+
+
+if __name__ == "__main__":
+    main()
