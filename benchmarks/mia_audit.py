@@ -1,7 +1,8 @@
 """Membership-inference audit on the SYNTHETIC cohort: a DP model (ε = 8) vs a deliberately overfit
 non-private model (no augmentation, high learning rate, many epochs on few images).
 
-Writes benchmarks/results/mia_audit.json. Usage: python benchmarks/mia_audit.py [--patients 300] [--out-dir DIR]
+Attack AUCs come with their Hanley–McNeil standard error (n members = n non-members = the test images).
+Writes benchmarks/results/mia_audit.json. Usage: python benchmarks/mia_audit.py [--patients 800] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=300)
+    parser.add_argument("--patients", type=int, default=800)
+    parser.add_argument("--overfit-epochs", type=float, default=30)
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mia_audit.json")
     args = parser.parse_args()
@@ -35,7 +37,7 @@ def main() -> None:
     data = {"manifest": str(manifest), "image_size": 64}
     runs = {
         "overfit-non-private": {"privacy": {"enabled": False},
-                                "training": {"epochs": 60, "batch_size": 16, "max_physical_batch": 16,
+                                "training": {"epochs": args.overfit_epochs, "batch_size": 16, "max_physical_batch": 16,
                                              "learning_rate": 1e-3, "augment": False}},
         "dp-epsilon-8": {"privacy": {"target_epsilon": 8.0, "delta": 1e-4},
                          "training": {"epochs": 10, "batch_size": 16, "max_physical_batch": 16}},
@@ -47,14 +49,25 @@ def main() -> None:
         result = train(config, prepared, work / name)
         metrics = evaluate(load_model(result.model_path), prepared, work / name / "evaluation", redraws=200)
         audit = metrics["membership_inference"]["entire_dataset"]
+        for attack in ("threshold_attack", "trained_attack"):
+            audit[attack]["auc_standard_error"] = hanley_mcneil_se(audit[attack]["auc"], audit["n_members"],
+                                                                   audit["n_nonmembers"])
         results["runs"][name] = {"mean_test_auroc": metrics["mean"]["auroc"], **audit,
                                  "epsilon": result.ledger.epsilon() if result.ledger else None}
-        print(f"{name}: threshold-attack AUC {audit['threshold_attack']['auc']:.3f} (advantage "
+        print(f"{name}: threshold-attack AUC {audit['threshold_attack']['auc']:.3f} "
+              f"± {audit['threshold_attack']['auc_standard_error']:.3f} (advantage "
               f"{audit['threshold_attack']['advantage']:.3f}), trained-attack AUC {audit['trained_attack']['auc']:.3f}, "
               f"test AUROC {metrics['mean']['auroc']:.3f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
+
+
+def hanley_mcneil_se(auc: float, n_positive: int, n_negative: int) -> float:
+    """Standard error of an AUC estimate (Hanley & McNeil 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (n_positive - 1) * (q1 - auc * auc) + (n_negative - 1) * (q2 - auc * auc))
+    return float((variance / (n_positive * n_negative)) ** 0.5)
 
 
 if __name__ == "__main__":

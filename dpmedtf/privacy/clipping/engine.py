@@ -67,6 +67,9 @@ def check_supported(network: tf.keras.Model, registry: tfp_registry.LayerRegistr
                                     "use training.clipping: vectorized, or freeze those layers")
 
 
+# Plain Python over the model's static layer graph: nothing for AutoGraph to convert, and converting the
+# Keras internals it walks only produces warnings.
+@tf.autograph.experimental.do_not_convert
 def fast_clipped_gradient_sum(network: tf.keras.Model, inputs: tf.Tensor,
                               per_example_loss: Callable[[tf.Tensor], tf.Tensor], clip_norm: float,
                               registry: tfp_registry.LayerRegistry | None = None) -> ClippedGradients:
