@@ -19,7 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=800)
-    parser.add_argument("--overfit-epochs", type=float, default=30)
+    parser.add_argument("--overfit-epochs", type=float, default=60)
+    parser.add_argument("--split-fractions", type=float, nargs=3, default=[0.3, 0.1, 0.6],
+                        help="train/validation/test: a small training set invites memorisation, a large test set "
+                             "(the non-members) makes the attack AUC precise")
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mia_audit.json")
     args = parser.parse_args()
@@ -34,7 +37,7 @@ def main() -> None:
     work = args.out_dir or Path(tempfile.mkdtemp(prefix="dpmedtf-mia-"))
     manifest = write_synthetic_cohort(work / "cohort", SyntheticCohortSpec(patients=args.patients, image_size=96,
                                                                            seed=1))["radiograph"]
-    data = {"manifest": str(manifest), "image_size": 64}
+    data = {"manifest": str(manifest), "image_size": 64, "split_fractions": args.split_fractions}
     runs = {
         "overfit-non-private": {"privacy": {"enabled": False},
                                 "training": {"epochs": args.overfit_epochs, "batch_size": 16, "max_physical_batch": 16,
@@ -42,7 +45,7 @@ def main() -> None:
         "dp-epsilon-8": {"privacy": {"target_epsilon": 8.0, "delta": 1e-4},
                          "training": {"epochs": 10, "batch_size": 16, "max_physical_batch": 16}},
     }
-    results = {"synthetic_data": True, "patients": args.patients, "runs": {}}
+    results = {"synthetic_data": True, "patients": args.patients, "split_fractions": args.split_fractions, "runs": {}}
     for name, settings in runs.items():
         config = config_from_mapping({"data": data, **settings})
         prepared = prepare_data(config, work)

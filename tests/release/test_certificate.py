@@ -20,7 +20,7 @@ def ledger(delta=1e-5, unit="image", steps=(400,), **notes) -> Ledger:
 
 
 def test_certificate_states_what_the_ledger_recorded():
-    source = ledger(steps=(150, 250))  # a resumed run: two sessions, one schedule
+    source = ledger(steps=(150, 250), clipping_engine="dpmedtf fast clipping")  # resumed: two sessions, one schedule
     certificate = build_certificate(source, ({"what": "decision thresholds", "how": "validation",
                                               "private_data_used": True},))
     assert schema_problems(certificate, "privacy_certificate.schema.json") == []
@@ -34,6 +34,7 @@ def test_certificate_states_what_the_ledger_recorded():
     assert [u["what"] for u in certificate["non_dp_uses_of_private_data"]] == ["class weights", "decision thresholds"]
     assert "class weights; decision thresholds" in certificate["statement"]
     assert "group privacy over 3 images" in certificate["statement"]
+    assert certificate["clipping"] == {"engine": "dpmedtf fast clipping"}
     assert check_consistency(certificate) == []
 
 
