@@ -25,6 +25,12 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _attack_auc(result: dict) -> str:
+    if result.get("auc_standard_error") is None:
+        return _number(result.get("auc"))
+    return f"{_number(result['auc'])} ± {_number(result['auc_standard_error'])}"
+
+
 def write_report(out: Path, title: str, members: list, sweep: dict | None, figures: list[Path], synthetic: bool) -> Path:
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>",
              f"<h1>{html.escape(title)}</h1>"]
@@ -37,9 +43,9 @@ def write_report(out: Path, title: str, members: list, sweep: dict | None, figur
         rows.append([html.escape(m.name), "non-private" if m.epsilon is None else f"{m.epsilon:g}",
                      f"{_number(mean['auroc'])} [{_number(mean['auroc_ci_low'])}, {_number(mean['auroc_ci_high'])}]",
                      _number(mean["sensitivity"]), _number(mean["specificity"]), _number(mean["accuracy"]),
-                     _number(audit.get("threshold_attack", {}).get("auc")), _number(audit.get("trained_attack", {}).get("auc"))])
+                     _attack_auc(audit.get("threshold_attack", {})), _attack_auc(audit.get("trained_attack", {}))])
     parts.append(_table(["model", "ε", "mean AUROC [95% CI]", "sensitivity", "specificity", "accuracy",
-                         "MIA AUC (threshold)", "MIA AUC (trained)"], rows))
+                         "MIA AUC ± SE (threshold)", "MIA AUC ± SE (trained)"], rows))
     parts.append("<p class='note'>Thresholds: Youden index on the validation split, applied unchanged to test. "
                  "MIA: training images (members) vs test images; 0.5 = the attacker cannot tell them apart.</p>")
     if sweep:

@@ -6,8 +6,8 @@ attacks are computed here with scikit-learn, following the same definitions):
 - threshold attack: the per-example loss itself is the membership score (low loss → member);
 - trained attack: logistic regression on per-label losses, scored out-of-fold (5-fold CV) on a
   member/non-member set balanced by subsampling.
-For each: attack AUC and advantage = max over thresholds of (TPR − FPR). A DP model should leave
-both near 0.5 and 0. Reported for the whole set and per subgroup slice.
+For each: attack AUC with its standard error, and advantage = max over thresholds of (TPR − FPR). A DP
+model should leave them near 0.5 (within about two standard errors) and 0. Reported for the whole set and per subgroup slice.
 """
 
 from __future__ import annotations
@@ -27,9 +27,19 @@ def per_label_losses(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarra
     return -(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
-def _auc_and_advantage(is_member: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+def auc_standard_error(auc: float, n_members: int, n_nonmembers: int) -> float:
+    """Standard error of an attack AUC (Hanley & McNeil 1982): how far from 0.5 is still chance."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = auc * (1 - auc) + (n_members - 1) * (q1 - auc * auc) + (n_nonmembers - 1) * (q2 - auc * auc)
+    return float(np.sqrt(max(variance, 0.0) / (n_members * n_nonmembers)))
+
+
+def _auc_and_advantage(is_member: np.ndarray, score: np.ndarray) -> dict:
     fpr, tpr, _ = roc_curve(is_member, score)
-    return float(roc_auc_score(is_member, score)), float(np.max(tpr - fpr))
+    auc = float(roc_auc_score(is_member, score))
+    n_members = int(is_member.sum())
+    return {"auc": auc, "auc_standard_error": auc_standard_error(auc, n_members, len(is_member) - n_members),
+            "advantage": float(np.max(tpr - fpr))}
 
 
 def attack(member_losses: np.ndarray, nonmember_losses: np.ndarray, seed: int = 0) -> dict:
@@ -40,14 +50,12 @@ def attack(member_losses: np.ndarray, nonmember_losses: np.ndarray, seed: int = 
     nonmembers = nonmember_losses[rng.choice(len(nonmember_losses), n, replace=False)]
     features = np.log1p(np.vstack([members, nonmembers]))
     is_member = np.r_[np.ones(n), np.zeros(n)]
-    threshold_auc, threshold_advantage = _auc_and_advantage(is_member, -features.sum(axis=1))
+    threshold = _auc_and_advantage(is_member, -features.sum(axis=1))
     folds = StratifiedKFold(n_splits=min(5, n), shuffle=True, random_state=seed)
     trained_score = cross_val_predict(LogisticRegression(max_iter=1000), features, is_member, cv=folds,
                                       method="predict_proba")[:, 1]
-    trained_auc, trained_advantage = _auc_and_advantage(is_member, trained_score)
-    return {"n_members": n, "n_nonmembers": n,
-            "threshold_attack": {"auc": threshold_auc, "advantage": threshold_advantage},
-            "trained_attack": {"auc": trained_auc, "advantage": trained_advantage}}
+    return {"n_members": n, "n_nonmembers": n, "threshold_attack": threshold,
+            "trained_attack": _auc_and_advantage(is_member, trained_score)}
 
 
 def membership_inference_audit(member_losses: np.ndarray, nonmember_losses: np.ndarray,

@@ -25,6 +25,18 @@ def test_indistinguishable_members_give_chance_level():
     result = attack(losses(1000, 0.5, 2), losses(1000, 0.5, 3))
     for kind in ("threshold_attack", "trained_attack"):
         assert abs(result[kind]["auc"] - 0.5) < 0.05 and result[kind]["advantage"] < 0.1
+        # At AUC 0.5 the Hanley–McNeil error is √((2n+1)/(12 n²)) for n members and n non-members.
+        expected = np.sqrt(2001 / (12 * 1000 ** 2))
+        assert result[kind]["auc_standard_error"] == pytest.approx(expected, rel=0.02)
+
+
+def test_the_auc_standard_error_matches_the_spread_over_repeated_experiments():
+    aucs, errors = [], []
+    for seed in range(40):
+        result = attack(losses(150, 0.8, 100 + seed), losses(150, 1.0, 200 + seed))
+        aucs.append(result["threshold_attack"]["auc"])
+        errors.append(result["threshold_attack"]["auc_standard_error"])
+    assert np.mean(errors) == pytest.approx(np.std(aucs), rel=0.35)
 
 
 def test_slices_by_subgroup_and_losses():
