@@ -66,17 +66,15 @@ def check_before_running(job: JobConfig) -> None:
     if not Path(data.manifest).is_file():
         raise ConfigError(f"data.manifest: file not found: {data.manifest}")
     load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)  # every row checked
-    members = sweep_members(job)
+    sweep_members(job)  # each member's config resolves
     if job.model.pretrained_weights is not None and not Path(job.model.pretrained_weights).exists():
         raise ConfigError(f"model.pretrained_weights: not found: {job.model.pretrained_weights}")
     if "release" in job.pipeline.stages:
+        from dpmedtf.release.job import release_member
         from dpmedtf.release.policy import load_policy
 
         settings = job.release
-        names = [name for name, _ in members]
-        if len(members) > 1 and settings.member not in names:
-            raise ConfigError(f"release.member must name the sweep model to release, one of {names}")
-        released = dict(members).get(settings.member) if len(members) > 1 else members[0][1]
+        _, released = release_member(job)
         if not released.privacy.enabled:
             raise ConfigError("the release stage needs a DP-trained model; release.member names a non-private one")
         if settings.private_key is None or not Path(settings.private_key).is_file():

@@ -12,6 +12,23 @@ from dpmedtf.release.bundle import build_bundle, load_candidate
 from dpmedtf.release.policy import load_policy
 
 
+def release_member(job: JobConfig) -> tuple[str, JobConfig]:
+    """(name, config) of the model a job releases: its only model, or ``release.member`` of a sweep.
+
+    The name is "" for a job without a sweep; the model lives in ``<run>/<name>``, as training puts it.
+    """
+    from dpmedtf.training.job import sweep_members
+
+    members = sweep_members(job)
+    if len(members) == 1:
+        return members[0]
+    names = [name for name, _ in members]
+    if job.release.member not in names:
+        raise ConfigError(f"release.member must name the sweep model to release, one of {names}"
+                          + (f"; got {job.release.member!r}" if job.release.member else ""))
+    return job.release.member, dict(members)[job.release.member]
+
+
 def release_job(job: JobConfig, run: str | os.PathLike, out: str | os.PathLike | None = None,
                 override_reason: str | None = None) -> Path:
     """Builds ``out`` (default ``<run>/bundle``) from the job's model in ``run``."""
@@ -19,21 +36,14 @@ def release_job(job: JobConfig, run: str | os.PathLike, out: str | os.PathLike |
 
     run = Path(run)
     settings = job.release
-    members = dict(sweep_members(job))
-    if len(members) > 1:
-        if settings.member is None or settings.member not in members:
-            raise ConfigError(f"release.member must name the sweep model to release, one of {sorted(members)}"
-                              + (f"; got {settings.member!r}" if settings.member else ""))
-        member_dir = run / settings.member
-    else:
-        member_dir = run
+    name, _ = release_member(job)
     if settings.private_key is None:
         raise ConfigError("release.private_key is required: the P-256 key (PEM) that signs the bundle; "
                           "create one with `dpmedtf keygen`")
-    return build_bundle(load_candidate(member_dir), Path(out) if out else run / "bundle", load_policy(settings.policy),
-                        settings.private_key, settings.public_key, model_version=settings.model_version,
-                        intended_use=settings.intended_use, selected_from=len(members),
-                        override_reason=override_reason, job_name=job.name)
+    return build_bundle(load_candidate(run / name if name else run), Path(out) if out else run / "bundle",
+                        load_policy(settings.policy), settings.private_key, settings.public_key,
+                        model_version=settings.model_version, intended_use=settings.intended_use,
+                        selected_from=len(sweep_members(job)), override_reason=override_reason, job_name=job.name)
 
 
 def with_release_overrides(job: JobConfig, **overrides) -> JobConfig:

@@ -12,7 +12,6 @@ the bundle is intact as signed, but anyone can sign with their own key, so the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -149,8 +148,7 @@ def _metadata_problems(bundle: Path, metadata: dict, certificate: dict) -> list[
             problems.append(f"{METADATA_FILE}: privacy.{key} = {privacy.get(key)!r} but the certificate says "
                             f"{certificate.get(key)!r}")
     if (bundle / CERTIFICATE_FILE).is_file():
-        actual = hashlib.sha256((bundle / CERTIFICATE_FILE).read_bytes()).hexdigest()
-        if privacy.get("privacy_certificate_sha256") != actual:
+        if privacy.get("privacy_certificate_sha256") != sha256_file(bundle / CERTIFICATE_FILE):
             problems.append(f"{METADATA_FILE}: privacy_certificate_sha256 does not match {CERTIFICATE_FILE}")
     labels, thresholds = metadata.get("labels"), metadata.get("thresholds")
     if not labels or not isinstance(thresholds, dict) or list(thresholds) != list(labels):
