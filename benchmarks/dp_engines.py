@@ -114,6 +114,9 @@ def markdown_table(rows: list[dict], large: dict | None) -> str:
     def number(value, digits=1):
         return "–" if value is None else f"{value:.{digits}f}"
 
+    def ratio(value):
+        return "–" if value is None else f"{value:.2f}×"
+
     lines = ["| px | B | non-DP | fast DP | vectorized DP | Opacus | Opacus ghost | PyTorch non-DP | fast step time ÷ non-DP "
              "| fast memory ÷ non-DP | fast ÷ Opacus | memory MB non-DP / fast / vectorized / Opacus |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -122,8 +125,8 @@ def markdown_table(rows: list[dict], large: dict | None) -> str:
         lines.append(f"| {r['image_size']} | {r['batch_size']} | {number(r['nondp_samples_per_s'])} "
                      f"| {number(r['fast_samples_per_s'])} | {number(r['vectorized_samples_per_s'])} "
                      f"| {number(r['opacus_samples_per_s'])} | {number(r['opacus-ghost_samples_per_s'])} "
-                     f"| {number(r['torch-nondp_samples_per_s'])} | {number(r['fast_step_time_vs_nondp'], 2)}× "
-                     f"| {number(r['fast_memory_vs_nondp'], 2)}× | {number(r['fast_vs_opacus_throughput'], 2)}× | {memory} |")
+                     f"| {number(r['torch-nondp_samples_per_s'])} | {ratio(r['fast_step_time_vs_nondp'])} "
+                     f"| {ratio(r['fast_memory_vs_nondp'])} | {ratio(r['fast_vs_opacus_throughput'])} | {memory} |")
     text = ("Samples/s of one training step of the 4.9M-parameter GroupNorm ResNet9 (Mish, 8 outputs), CPU, "
             "each engine in its own process, measured in turn in one run.\n\n" + "\n".join(lines) + "\n")
     if large:
