@@ -79,9 +79,9 @@ def main() -> None:
             prepare(warm, spec, work / "warm")
             prepared, cold = timed(lambda: prepare(cohort, spec, work / "cache"))
             batches = ShuffledBatches(len(copies), 16, 10 * -(-len(copies) // 16), seed=0)  # 10 epochs
-            list(training_dataset(prepared, "train", ShuffledBatches(len(copies), 16, 1).chunks(16)))  # warm-up
+            list(training_dataset(prepared, "train", list(ShuffledBatches(len(copies), 16, 1).shards())))  # warm-up
             _, cached = timed(lambda: sum(int(e["images"].shape[0]) for e in
-                                          training_dataset(prepared, "train", batches.chunks(16))))
+                                          training_dataset(prepared, "train", list(batches.shards()))))
             results["radiograph"][kind] = {
                 "source": f"{pixels.shape[0]}×{pixels.shape[1]} 16-bit", "images": len(copies),
                 "cold_images_per_s": len(copies) / cold,
@@ -99,10 +99,10 @@ def main() -> None:
         cohort = load_manifest(manifest(work, volumes, "volume_path", {"label": 0}), "volume")
         spec = PreprocessSpec("volume", volume_shape=(224, 224, 128))
         prepared, cold = timed(lambda: prepare(cohort, spec, work / "cache"))
-        list(training_dataset(prepared, "train", ShuffledBatches(len(volumes), 2, 1).chunks(2)))  # warm-up
+        list(training_dataset(prepared, "train", list(ShuffledBatches(len(volumes), 2, 1).shards())))  # warm-up
         batches = ShuffledBatches(len(volumes), 2, 10 * -(-len(volumes) // 2), seed=0)
         _, cached = timed(lambda: sum(int(e["images"].shape[0]) for e in
-                                      training_dataset(prepared, "train", batches.chunks(2))))
+                                      training_dataset(prepared, "train", list(batches.shards()))))
         results["volume"] = {"source": "512×512×160 int16 NIfTI", "target": "224×224×128", "volumes": len(volumes),
                              "cold_volumes_per_s": len(volumes) / cold,
                              "cached_volumes_per_s": batches.steps * 2 / cached}

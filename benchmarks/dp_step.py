@@ -1,12 +1,17 @@
 """One training-step throughput measurement of the paper's ResNet9 (8 outputs) with the trainer's own step.
 
   python benchmarks/dp_step.py --engine nondp|vectorized|fast --batch-size B --image-size H --steps S --json OUT
+                               [--devices R]
 
 Builds the 4.9M-parameter GroupNorm ResNet9 (8 outputs; Mish for every engine by default, so the engines
 are compared on the same network — the paper trains its non-private baseline with ReLU, --activation relu),
 runs warm-up steps, then S timed steps of one logical batch each (no chunking), and writes
-{"engine","batch_size","image_size","samples_per_s","peak_rss_mb"} to OUT. Run each engine in its own
-process (as benchmarks/dp_vs_nondp.py does) so the peak memory is that engine's.
+{"engine","batch_size","image_size","samples_per_s","peak_rss_mb","devices"} to OUT. Run each engine in its
+own process (as benchmarks/dp_engines.py does) so the peak memory is that engine's.
+
+With --devices R > 1 the step runs under ``MirroredStrategy`` on R replicas, each computing B/R of the
+batch, exactly as ``training.strategy: mirrored`` trains. Without R GPUs the CPU is split into R logical
+devices: they share the same cores, so this measures the distribution overhead, not a speed-up.
 """
 
 from __future__ import annotations
@@ -32,42 +37,75 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation", choices=("mish", "relu"), default="mish")
     parser.add_argument("--xla", action="store_true", help="compile the step with XLA (jit_compile=True)")
+    parser.add_argument("--devices", type=int, default=1, help="replicas under MirroredStrategy (GPUs, else logical CPUs)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
+    if args.batch_size % args.devices:
+        parser.error("--batch-size must be a multiple of --devices")
 
     import numpy as np
     import tensorflow as tf
 
+    strategy, device_kind = mirrored_over(tf, args.devices)
+
     from dpmedtf.models import build_resnet9
+    from dpmedtf.training.distribution import local_replicas
     from dpmedtf.training.trainer import TrainingPlan, _StepModel, make_optimizer
 
     dp = args.engine != "nondp"
     tf.keras.utils.set_random_seed(0)
-    network = build_resnet9((args.image_size, args.image_size, 3), 8, activation=args.activation)
     plan = TrainingPlan(dp, 10_000, args.batch_size, args.steps, 100, 1.0 if dp else None, 1.5 if dp else None,
                         1.5 if dp else None, 1, "image" if dp else "none", 1e-5, "rdp", None, None,
                         args.engine if dp else None)
-    optimizer = make_optimizer(plan, 5e-4 if dp else 5e-5, network)
-    model = _StepModel(network, plan, optimizer, np.ones(8, np.float32), np.ones(8, np.float32), noise_seed=0)
-    step = tf.function(model.train_step, jit_compile=args.xla or None)
+    with strategy.scope():
+        network = build_resnet9((args.image_size, args.image_size, 3), 8, activation=args.activation)
+        optimizer = make_optimizer(plan, 5e-4 if dp else 5e-5, network)
+        model = _StepModel(network, plan, optimizer, np.ones(8, np.float32), np.ones(8, np.float32), noise_seed=0,
+                           max_physical_batch=args.batch_size)
     rng = np.random.default_rng(0)
-    batch = {"images": tf.constant(rng.random((args.batch_size, args.image_size, args.image_size, 3), dtype=np.float32)),
-             "labels": tf.constant(rng.integers(0, 2, (args.batch_size, 8)).astype(np.float32)),
-             "step": tf.constant(0, tf.int64), "chunk": tf.constant(0, tf.int64),
-             "chunks_in_step": tf.constant(1, tf.int64), "logical_batch_size": tf.constant(args.batch_size, tf.int64)}
+    replicas = strategy.num_replicas_in_sync
+    # Each step's batch cut into one equal shard per replica, with the step number the trainer checks.
+    images = rng.random((replicas, args.batch_size // replicas, args.image_size, args.image_size, 3), dtype=np.float32)
+    labels = rng.integers(0, 2, (replicas, args.batch_size // replicas, 8)).astype(np.float32)
+
+    def shards_for_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        local = local_replicas(context)
+        return tf.data.Dataset.range(args.warmup + args.steps).flat_map(
+            lambda step: tf.data.Dataset.from_tensor_slices({
+                "images": images[local.start:local.stop], "labels": labels[local.start:local.stop],
+                "step": tf.fill([len(local)], step)})).prefetch(2)
+
+    inputs = iter(strategy.distribute_datasets_from_function(shards_for_worker))
+
+    @tf.function(jit_compile=args.xla or None)
+    def step():
+        return strategy.run(model.train_step, args=(next(inputs),))["loss"]
+
     for _ in range(args.warmup):
-        step(batch)["loss"].numpy()
+        strategy.experimental_local_results(step())[0].numpy()
     start = time.perf_counter()
     for _ in range(args.steps):
-        step(batch)["loss"].numpy()
+        strategy.experimental_local_results(step())[0].numpy()
     seconds = time.perf_counter() - start
     result = {"engine": args.engine, "batch_size": args.batch_size, "image_size": args.image_size,
-              "activation": args.activation, "xla": args.xla,
+              "activation": args.activation, "xla": args.xla, "devices": replicas, "device_kind": device_kind,
               "samples_per_s": args.batch_size * args.steps / seconds,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
+
+
+def mirrored_over(tf, count: int):
+    """MirroredStrategy over ``count`` GPUs, or over ``count`` logical CPUs where there are fewer GPUs."""
+    if count == 1:
+        return tf.distribute.get_strategy(), "default"
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= count:
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(count)]), "GPU"
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(count)]), "logical CPU (shared cores)"
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ class TrainingConfig:
     epochs: float = option(150.0, "expected passes over the training data (paper: 150)", gt=0.0)
     steps: Optional[int] = option(None, "optimizer steps; overrides epochs when given", ge=1)
     batch_size: int = option(128, "logical (expected, with Poisson sampling) batch size (paper: 128)", ge=1)
-    max_physical_batch: int = option(32, "largest chunk computed at once; bigger logical batches accumulate chunks", ge=1)
+    max_physical_batch: int = option(32, "most examples a device computes at once; a larger share of a step is summed over chunks", ge=1)
     learning_rate: Optional[float] = option(None, "NAdam learning rate; default 5e-4 with DP, 5e-5 without (paper)", gt=0.0)
     optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
     clipping: Literal["fast", "vectorized"] = option("fast", "DP per-example clipping engine: fast (layer-wise ghost/instantiated norms, book-keeping; no Jacobians) or vectorized (tensorflow-privacy's tape.jacobian optimizer); both give the same clipped sum")
@@ -86,6 +86,8 @@ class TrainingConfig:
     class_prior: Optional[tuple[float, ...]] = option(None, "with class_weights: public_prior, each label's prevalence from public data", gt=0.0, lt=1.0)
     seed: int = option(0, "seed of initialisation and sampling", ge=0)
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: at each epoch end only)", ge=0)
+    strategy: Literal["none", "mirrored", "multi_worker"] = option("none", "tf.distribute strategy: none (one device), mirrored (MirroredStrategy over training.devices) or multi_worker (MultiWorkerMirroredStrategy over the TF_CONFIG cluster); DP noise is added once per step globally")
+    devices: Optional[tuple[str, ...]] = option(None, "with strategy: mirrored, the devices to replicate on, e.g. ['/gpu:0', '/gpu:1'] (default: every GPU, else the CPU)")
     stop_at_budget: bool = option(False, "if the plan would exceed the ε budget, train only the steps that fit instead of refusing")
 
 

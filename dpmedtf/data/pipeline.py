@@ -1,9 +1,9 @@
-"""tf.data input: the sampler's chunks, gathered from the prepared array, turned into model inputs.
+"""tf.data input: the sampler's shards, gathered from the prepared array, turned into model inputs.
 
-Per element (one physical chunk): ``images`` (n, S, S, 3) or (n, D, H, W, C) float32, ``labels``
-(n, L), and the bookkeeping the trainer needs to accumulate a logical step: ``step``, ``chunk``,
-``chunks_in_step``, ``logical_batch_size``. Decoding never happens here (see ``cache.prepare``);
-gathering, channel expansion, scaling and (non-DP) augmentation run in parallel with training.
+Per element (one replica's shard of one logical step; the whole step on a single device): ``images``
+(n, S, S, 3) or (n, D, H, W, C) float32, ``labels`` (n, L) and ``step``. Decoding never happens here
+(see ``cache.prepare``); gathering, channel expansion, scaling and (non-DP) augmentation run in
+parallel with training.
 """
 
 from __future__ import annotations
@@ -15,25 +15,24 @@ import tensorflow as tf
 
 from dpmedtf.data import radiograph
 from dpmedtf.data.cache import PreparedData
-from dpmedtf.data.sampling import Chunk
+from dpmedtf.data.sampling import Shard
 
 
-def training_dataset(prepared: PreparedData, split: str, chunks: Iterable[Chunk], augment: bool = False,
+def training_dataset(prepared: PreparedData, split: str, shards: Iterable[Shard], augment: bool = False,
                      seed: int = 0, volume_channels: int = 1) -> tf.data.Dataset:
-    """Chunks index the rows of ``split`` (0 … n_split − 1), in the order the cohort lists them."""
+    """Shards index the rows of ``split`` (0 … n_split − 1), in the order the cohort lists them."""
     rows = split_rows(prepared, split)
     labels = prepared.cohort.labels(prepared.cohort.frame.loc[rows])
     item_shape = prepared.array.shape[1:]
 
     def source():
-        for chunk in chunks:
-            yield chunk.step, chunk.chunk, chunk.chunks_in_step, chunk.logical_batch_size, chunk.indices.astype(np.int64)
+        for shard in shards:
+            yield shard.step, shard.indices.astype(np.int64)
 
     dataset = tf.data.Dataset.from_generator(source, output_signature=(
-        tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
         tf.TensorSpec([], tf.int64), tf.TensorSpec([None], tf.int64)))
 
-    def gather(step, chunk, chunks_in_step, logical_batch_size, indices):
+    def gather(step, indices):
         images, batch_labels = tf.numpy_function(
             lambda idx: (np.asarray(prepared.array[rows[idx]]), labels[idx]), [indices],
             [tf.as_dtype(prepared.array.dtype), tf.float32], stateful=False)
@@ -43,9 +42,9 @@ def training_dataset(prepared: PreparedData, split: str, chunks: Iterable[Chunk]
         if augment:
             if prepared.spec.modality != "radiograph":
                 raise ValueError("augmentation is defined for radiographs only")
-            images = radiograph.augment(images, tf.stack([tf.constant(seed, tf.int64), step * 1024 + chunk]))
-        return {"images": images, "labels": batch_labels, "step": step, "chunk": chunk,
-                "chunks_in_step": chunks_in_step, "logical_batch_size": logical_batch_size}
+            images = radiograph.augment(images, tf.stack([tf.constant(seed, tf.int64), step]),
+                                        example_ids=indices, population=len(rows))
+        return {"images": images, "labels": batch_labels, "step": step}
 
     return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 

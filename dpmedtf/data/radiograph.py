@@ -207,14 +207,24 @@ def to_model_input(image_uint8: tf.Tensor) -> tf.Tensor:
     return tf.repeat(image[..., None], 3, axis=-1)
 
 
-def augment(images: tf.Tensor, seed: tf.Tensor, max_degrees: float = 10.0) -> tf.Tensor:
-    """Non-DP augmentation of a batch (N, S, S, C): rotation by U(±10°) and horizontal flip with p = 0.5."""
+def augment(images: tf.Tensor, seed: tf.Tensor, max_degrees: float = 10.0, example_ids: tf.Tensor | None = None,
+            population: int | None = None) -> tf.Tensor:
+    """Non-DP augmentation of a batch (N, S, S, C): rotation by U(±10°) and horizontal flip with p = 0.5.
+
+    With ``example_ids`` (indices < ``population``) each example's draw depends only on (seed, its id),
+    not on which other examples share its batch: a step's augmentation is then the same however the
+    step is sharded across replicas.
+    """
     n = tf.shape(images)[0]
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    angles = tf.random.stateless_uniform([n], seeds[0], -max_degrees, max_degrees) * (math.pi / 180.0)
-    flip = tf.random.stateless_uniform([n], seeds[1]) < 0.5
+    if example_ids is None:
+        angles = tf.random.stateless_uniform([n], seeds[0], -max_degrees, max_degrees)
+        flip = tf.random.stateless_uniform([n], seeds[1]) < 0.5
+    else:
+        angles = tf.gather(tf.random.stateless_uniform([population], seeds[0], -max_degrees, max_degrees), example_ids)
+        flip = tf.gather(tf.random.stateless_uniform([population], seeds[1]), example_ids) < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    return _rotate(images, angles)
+    return _rotate(images, angles * (math.pi / 180.0))
 
 
 def _rotate(images: tf.Tensor, angles: tf.Tensor) -> tf.Tensor:

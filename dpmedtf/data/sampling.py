@@ -9,40 +9,36 @@ O(K). Its ``sampling_rate`` and ``steps`` are the numbers the accountant must be
 Each step's draw depends only on (seed, step), so a resumed run sees exactly the batches an
 uninterrupted run would have: the sampler's whole state is the next step number.
 
-A logical batch larger than memory allows is split into physical chunks of at most
-``max_physical_batch``; the trainer accumulates the chunks of a step into one update.
+Under a distribution strategy every worker runs the same sampler (same seed), so all agree on each
+step's batch without talking; the batch is cut into one contiguous shard per replica (``shards``).
+A shard larger than memory allows is computed in physical chunks inside the trainer's step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """One physical batch: part (or all) of a step's logical batch."""
+class Shard:
+    """One replica's part of a logical step's batch (the whole batch when there is one replica)."""
 
     step: int
     indices: np.ndarray
-    """Example indices (into the dataset) in this chunk; may be empty for an empty Poisson batch."""
-    chunk: int
-    chunks_in_step: int
-    logical_batch_size: int
-
-    @property
-    def last_in_step(self) -> bool:
-        return self.chunk == self.chunks_in_step - 1
+    """Example indices (into the dataset); may be empty (an empty Poisson batch, or fewer examples than replicas)."""
+    replica: int
+    """Global replica index (0 … num_replicas − 1) this shard is computed on."""
+    num_replicas: int
 
 
-def split_into_chunks(step: int, indices: np.ndarray, max_physical_batch: int) -> list[Chunk]:
-    if max_physical_batch < 1:
-        raise ValueError(f"max_physical_batch must be ≥ 1, got {max_physical_batch}")
-    n_chunks = max(1, -(-len(indices) // max_physical_batch))
-    parts = np.array_split(indices, n_chunks) if len(indices) else [indices]
-    return [Chunk(step, part, i, n_chunks, len(indices)) for i, part in enumerate(parts)]
+def split_among_replicas(indices: np.ndarray, num_replicas: int) -> list[np.ndarray]:
+    """Contiguous, near-equal parts, one per replica, covering ``indices`` exactly once."""
+    if num_replicas < 1:
+        raise ValueError(f"num_replicas must be ≥ 1, got {num_replicas}")
+    return np.array_split(indices, num_replicas)
 
 
 def poisson_subset(rng: np.random.Generator, population: int, rate: float) -> np.ndarray:
@@ -59,9 +55,14 @@ class _StepSampler:
     def indices(self, step: int) -> np.ndarray:
         raise NotImplementedError
 
-    def chunks(self, max_physical_batch: int, start_step: int = 0) -> Iterator[Chunk]:
-        for step in range(start_step, self.steps):
-            yield from split_into_chunks(step, self.indices(step), max_physical_batch)
+    def shards(self, start_step: int = 0, stop_step: int | None = None, replicas: Sequence[int] = (0,),
+               num_replicas: int = 1) -> Iterator[Shard]:
+        """Steps ``start_step`` … ``stop_step`` − 1 (default: to the end), for each the shards of ``replicas``
+        (a worker's local replicas, in the order its devices take elements) out of ``num_replicas``."""
+        for step in range(start_step, self.steps if stop_step is None else min(stop_step, self.steps)):
+            parts = split_among_replicas(self.indices(step), num_replicas)
+            for replica in replicas:
+                yield Shard(step, parts[replica], replica, num_replicas)
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ legacy Nadam. It is used for what it does exactly right: each example's gradient
    be 0), while only a data-independent constant may scale the released sum without changing the
    guarantee; we divide by the expected batch size B.
 
-So the optimizer is constructed with noise 0 for clipping, and ``noised_mean`` adds the step's noise
-with a seeded Philox generator whose state is checkpointed, then scales by 1/B.
+So the optimizer is constructed with noise 0 for clipping, and ``noised_mean`` adds the step's noise,
+then scales by 1/B. The noise is stateless Philox keyed by (secret noise key, step): the same step
+draws the same noise on every replica and after a resume, and the key is the only state to keep.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def clipped_gradient_sum(optimizer, per_example_loss: tf.Tensor, variables, tape
     return [gradient * n for gradient, _ in optimizer._compute_gradients(per_example_loss, variables, tape=tape)]
 
 
-def noised_mean(clipped_sums, noise_stddev: float, expected_batch_size: float,
-                generator: tf.random.Generator) -> list[tf.Tensor]:
-    """(Σ clipped + N(0, noise_stddev²)) / B for each variable: one DP-SGD step's gradient."""
-    return [(total + generator.normal(tf.shape(total), stddev=noise_stddev)) / expected_batch_size
-            for total in clipped_sums]
+def noised_mean(clipped_sums, noise_stddev: float, expected_batch_size: float, seed: tf.Tensor) -> list[tf.Tensor]:
+    """(Σ clipped + N(0, noise_stddev²)) / B for each variable: one DP-SGD step's gradient.
+
+    ``seed`` (two int64: secret key, step) determines the noise; each variable draws from its own
+    stream, folded in from the seed by the variable's position.
+    """
+    seed = tf.cast(seed, tf.int64)
+    return [(total + tf.random.stateless_normal(tf.shape(total), tf.random.experimental.stateless_fold_in(seed, i),
+                                                stddev=noise_stddev)) / expected_batch_size
+            for i, total in enumerate(clipped_sums)]

@@ -1,10 +1,11 @@
 """Training on Keras ``fit``: DP-SGD (Poisson sampling, per-example clipping, calibrated Gaussian noise,
-privacy ledger) or the non-private baseline, with resumable atomic checkpoints.
+privacy ledger) or the non-private baseline, with resumable atomic checkpoints, on one device or
+under a tf.distribute strategy (``training.strategy``).
 
-One dataset element is one physical chunk of a logical step (see ``data.sampling``); ``train_step``
-accumulates chunks and applies one update when a step's last chunk arrives. The numbers the
-accountant uses — N, expected batch B, q = B/N, steps, σ, C — are computed once in ``plan_training``
-and handed unchanged to the sampler, the step and the ledger.
+One ``train_step`` is one logical step: each replica gets its shard of the step's batch (see
+``data.sampling``), sums clipped gradients over physical chunks, and the optimizer applies the
+all-reduced sum once. The numbers the accountant uses — N, expected batch B, q = B/N, steps, σ, C —
+are computed once in ``plan_training`` and handed unchanged to the sampler, the step and the ledger.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from dpmedtf.files import write_json_atomic
 from dpmedtf.privacy.clipping import check_supported, fast_clipped_gradient_sum
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
+from dpmedtf.training.distribution import is_chief, local_replicas, strategy_for
 from dpmedtf.training.losses import inverse_frequency_weights, prior_weights, weighted_bce_per_example
 
 
@@ -123,20 +126,32 @@ def make_optimizer(plan: TrainingPlan, learning_rate: float, network: tf.keras.M
 
 
 class _StepModel(tf.keras.Model):
-    """The network plus one logical DP-SGD (or SGD) step assembled from physical chunks."""
+    """The network plus one logical DP-SGD (or SGD) step per ``train_step`` call.
+
+    Each call gets this replica's shard of one step (the whole step on a single device) and sums its
+    clipped per-example gradients over physical chunks of at most ``max_physical_batch`` examples.
+    The optimizer's ``apply_gradients`` then SUM-all-reduces what every replica hands it, so:
+
+    - DP: each replica hands (its clipped sum)/B, and replica 0 alone adds N(0, σ²C²) before dividing.
+      The applied gradient is (global clipped sum + one draw of noise)/B — the accountant's mechanism,
+      however many replicas there are (noise on every replica would sum to √R·σC, not the σC certified).
+    - Non-private: each replica hands its gradient sum over the global example count.
+
+    Nothing is applied inside control flow, which tf.distribute forbids around a synchronisation point.
+    """
 
     def __init__(self, network: tf.keras.Model, plan: TrainingPlan, optimizer, positive_weight, negative_weight,
-                 noise_seed: int):
+                 noise_seed: int, max_physical_batch: int = 32):
         super().__init__()
         self.network, self.plan = network, plan
+        self.max_physical_batch = int(max_physical_batch)
         self.positive_weight = tf.constant(positive_weight)
         self.negative_weight = tf.constant(negative_weight)
-        variables = network.trainable_variables
-        self.accumulators = [tf.Variable(tf.zeros_like(v), trainable=False) for v in variables]
-        self.accumulated_examples = tf.Variable(0.0, trainable=False)
-        self.noise = tf.random.Generator.from_seed(noise_seed)
+        # The noise key: secret, the only noise state (noise is stateless Philox on (key, step)); kept in checkpoints.
+        self.noise_key = tf.Variable(noise_seed, dtype=tf.int64, trainable=False, name="noise_key")
         self.step_optimizer = optimizer
-        optimizer._create_all_weights(variables)  # slots exist before the conditional update is traced
+        # Slots now, not on the first traced step: mirrored variables created inside a tf.function fail.
+        optimizer._create_all_weights(network.trainable_variables)
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
 
     def call(self, inputs, training=False):
@@ -148,55 +163,61 @@ class _StepModel(tf.keras.Model):
 
     def train_step(self, data):
         images, labels = data["images"], data["labels"]
-        count = tf.shape(images)[0]
         variables = self.network.trainable_variables
+        step = self.step_optimizer.iterations
+        # Every replica must be on the step the optimizer is at: a shard of another step would mix batches.
+        tf.debugging.assert_equal(tf.cast(data["step"], step.dtype), step, message="input step is not the optimizer step")
+        count = tf.shape(images)[0]
 
-        def chunk_gradient_sum():
-            def per_example_loss(logits):
-                return weighted_bce_per_example(labels, logits, self.positive_weight, self.negative_weight)
+        def add_chunk(start, sums, loss_sum):
+            stop = tf.minimum(start + self.max_physical_batch, count)
+            chunk_sums, chunk_loss = self._gradient_sum(images[start:stop], labels[start:stop])
+            return stop, [a + b for a, b in zip(sums, chunk_sums)], loss_sum + chunk_loss
 
-            if self.plan.dp and self.plan.clipping == "fast":
-                clipped = fast_clipped_gradient_sum(self.network, images, per_example_loss, self.plan.example_clip_norm)
-                return list(clipped.sums), tf.reduce_sum(clipped.per_example_losses)
-            with tf.GradientTape() as tape:
-                losses = per_example_loss(self.network(images, training=True))
-                total = tf.reduce_sum(losses)  # inside the tape, or its gradient is None
-            if self.plan.dp:
-                sums = clipped_gradient_sum(self.step_optimizer, losses, variables, tape)
-            else:
-                sums = tape.gradient(total, variables)
-            return [tf.convert_to_tensor(s) for s in sums], total
-
-        def empty_chunk():  # an empty Poisson batch: nothing to add, the step still happens
-            return [tf.zeros_like(v) for v in variables], tf.constant(0.0)
-
-        sums, loss_sum = tf.cond(count > 0, chunk_gradient_sum, empty_chunk)
-        for accumulator, total in zip(self.accumulators, sums):
-            accumulator.assign_add(total)
-        self.accumulated_examples.assign_add(tf.cast(count, tf.float32))
-        tf.cond(data["chunk"] == data["chunks_in_step"] - 1, self._apply_step, lambda: tf.constant(False))
+        # An empty shard (empty Poisson batch, or fewer examples than replicas) runs no chunk: its sum is 0.
+        _, sums, loss_sum = tf.while_loop(
+            lambda start, sums, loss_sum: start < count, add_chunk,
+            (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in variables], tf.constant(0.0)))
+        replica = tf.distribute.get_replica_context()
+        if self.plan.dp:
+            batch = float(self.plan.batch_size * self.plan.max_images_per_patient)
+            gradients = tf.cond(
+                tf.equal(replica.replica_id_in_sync_group, 0),
+                lambda: noised_mean(sums, self.plan.noise_multiplier * self.plan.clip_norm, batch,
+                                    tf.stack([self.noise_key, tf.cast(step, tf.int64)])),
+                lambda: [total / batch for total in sums])
+        else:  # the mean loss gradient over the step's examples on all replicas
+            examples = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(count, tf.float32))
+            gradients = [total / tf.maximum(examples, 1.0) for total in sums]
+        self.step_optimizer.apply_gradients(zip(gradients, variables))
         self.loss_tracker.update_state(tf.math.divide_no_nan(loss_sum, tf.cast(count, tf.float32)),
                                        sample_weight=tf.cast(count, tf.float32))
         return {"loss": self.loss_tracker.result()}
 
-    def _apply_step(self):
+    def _gradient_sum(self, images, labels):
+        """Σ of the chunk's per-example gradients, clipped with DP; and its summed loss."""
         variables = self.network.trainable_variables
+
+        def per_example_loss(logits):
+            return weighted_bce_per_example(labels, logits, self.positive_weight, self.negative_weight)
+
+        if self.plan.dp and self.plan.clipping == "fast":
+            clipped = fast_clipped_gradient_sum(self.network, images, per_example_loss, self.plan.example_clip_norm)
+            return list(clipped.sums), tf.reduce_sum(clipped.per_example_losses)
+        with tf.GradientTape() as tape:
+            losses = per_example_loss(self.network(images, training=True))
+            total = tf.reduce_sum(losses)  # inside the tape, or its gradient is None
         if self.plan.dp:
-            gradients = noised_mean(self.accumulators, self.plan.noise_multiplier * self.plan.clip_norm,
-                                    float(self.plan.batch_size * self.plan.max_images_per_patient), self.noise)
-        else:  # the mean loss gradient over the step's examples
-            gradients = [a / tf.maximum(self.accumulated_examples, 1.0) for a in self.accumulators]
-        self.step_optimizer.apply_gradients(zip(gradients, variables))
-        for accumulator in self.accumulators:
-            accumulator.assign(tf.zeros_like(accumulator))
-        self.accumulated_examples.assign(0.0)
-        return tf.constant(True)
+            sums = clipped_gradient_sum(self.step_optimizer, losses, variables, tape)
+        else:
+            sums = tape.gradient(total, variables)
+        return [tf.convert_to_tensor(s) for s in sums], total
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 def _checkpoint(model: _StepModel) -> tf.train.Checkpoint:
-    return tf.train.Checkpoint(network=model.network, optimizer=model.step_optimizer, noise=model.noise)
+    return tf.train.Checkpoint(network=model.network, optimizer=model.step_optimizer, noise_key=model.noise_key)
 
 
 def save_checkpoint(directory: Path, model: _StepModel, step: int, ledger: Ledger | None, keep: int = 2) -> Path:
@@ -242,7 +263,9 @@ class _Checkpointing(tf.keras.callbacks.Callback):
         steps = self._steps_done()
         if steps == self.last_saved:
             return
-        save_checkpoint(self.run.checkpoint_dir, self.run.model, steps, self.run.ledger_after(steps))
+        # Every worker saves (saving may need collectives); only the chief's copy is the run's.
+        save_checkpoint(self.run.write_dir / "checkpoints", self.run.model, steps,
+                        self.run.ledger_after(steps) if self.run.chief else None)
         self.last_saved = steps
 
     def on_train_batch_end(self, batch, logs=None):
@@ -288,10 +311,10 @@ class _Run:
     start_step: int
     stop_step: int
     sampler: object
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
+    strategy: tf.distribute.Strategy
+    chief: bool
+    write_dir: Path
+    """Where this process writes: ``out_dir`` on the chief, a scratch directory on other workers."""
 
     @property
     def epochs(self) -> int:
@@ -310,16 +333,22 @@ class _Run:
         return self.ledger_at_start.record(steps_done - self.start_step, self.plan.sampling_rate,
                                            self.plan.noise_multiplier, self.plan.clip_norm)
 
-    def epoch_chunks(self, epoch: int) -> list:
-        """The physical chunks of one epoch's logical steps (from the resume point in the first epoch)."""
-        start = max(self.start_step, self.epoch_start(epoch))
-        end = min(self.stop_step, self.epoch_start(epoch + 1))
-        chunks = []
-        for chunk in self.sampler.chunks(self.config.training.max_physical_batch, start_step=start):
-            if chunk.step >= end:
-                break
-            chunks.append(chunk)
-        return chunks
+    def epoch_steps(self, epoch: int) -> range:
+        """The logical steps of one epoch (from the resume point in the first epoch)."""
+        return range(max(self.start_step, self.epoch_start(epoch)), min(self.stop_step, self.epoch_start(epoch + 1)))
+
+    def epoch_dataset(self, epoch: int) -> tf.distribute.DistributedDataset:
+        """One element per replica per step of ``epoch``: every worker draws the same global batches and
+        feeds its own replicas their shards."""
+        steps = self.epoch_steps(epoch)
+        volume_channels = int(self.model.network.input_shape[-1]) if self.prepared.spec.modality == "volume" else 1
+
+        def dataset_for_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            shards = list(self.sampler.shards(steps.start, steps.stop, local_replicas(context), context.num_replicas_in_sync))
+            return training_dataset(self.prepared, "train", shards, augment=bool(self.config.training.augment),
+                                    seed=self.config.training.seed, volume_channels=volume_channels)
+
+        return self.strategy.distribute_datasets_from_function(dataset_for_worker)
 
 
 @dataclass(frozen=True)
@@ -333,13 +362,19 @@ class TrainingResult:
 
 
 def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike, force: bool = False) -> TrainingResult:
-    """Trains (or resumes) one job into ``out_dir``; refuses to overwrite a finished model."""
+    """Trains (or resumes) one job into ``out_dir``; refuses to overwrite a finished model.
+
+    Under ``training.strategy: multi_worker`` every worker calls this with the same config and the same
+    ``out_dir`` (shared storage: resuming reads the chief's checkpoints); only the chief writes there.
+    """
     out_dir = Path(out_dir)
     model_path = out_dir / "model.keras"
     if model_path.exists() and not force:
         raise DpmedtfError(f"{model_path} already exists: this training finished. Use another output directory "
                            "or --force to train again")
-    if force:  # start over: nothing of the previous run may be mistaken for this one's
+    strategy = strategy_for(config.training)
+    chief = is_chief(strategy)
+    if force and chief:  # start over: nothing of the previous run may be mistaken for this one's
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
         for stale in (model_path, out_dir / "ledger.json", out_dir / "training.json"):
@@ -350,12 +385,6 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     labels = prepared.cohort.labels(train_frame)
     tf.keras.utils.set_random_seed(config.training.seed)
 
-    network = _build_network(config, prepared, labels.shape[1])
-    if plan.dp:
-        validate_for_dp(network)
-        optimizer = make_optimizer(plan, config.training.learning_rate, network)
-    else:
-        optimizer = make_optimizer(plan, config.training.learning_rate, network)
     if config.training.class_weights == "inverse_frequency":
         positive_weight, negative_weight = inverse_frequency_weights(labels)
     elif config.training.class_weights == "public_prior":
@@ -367,13 +396,20 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
         positive_weight = negative_weight = np.ones(labels.shape[1], np.float32)
     # Noise must be unpredictable to anyone without the (private) checkpoint: seed from OS entropy
     # unless a seed is given for reproducible experiments; the seed lives only in the checkpoint.
+    # (Under multi_worker, tf.distribute initialises every worker's copy from the chief's.)
     noise_seed = config.privacy.noise_seed if config.privacy.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    model = _StepModel(network, plan, optimizer, positive_weight, negative_weight, noise_seed)
-    model.compile(run_eagerly=False)
+    with strategy.scope():  # variables are mirrored on every replica
+        network = _build_network(config, prepared, labels.shape[1])
+        if plan.dp:
+            validate_for_dp(network)
+        optimizer = make_optimizer(plan, config.training.learning_rate, network)
+        model = _StepModel(network, plan, optimizer, positive_weight, negative_weight, noise_seed,
+                           config.training.max_physical_batch)
+        model.compile(run_eagerly=False)
 
     ledger = _initial_ledger(config, plan, prepared) if plan.dp else None
     start_step = 0
-    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    checkpoint = None if force else latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is not None:
         start_step, ledger = _resume(checkpoint, model, plan, ledger, out_dir)
     stop_step = plan.steps
@@ -389,50 +425,64 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
             stop_step = start_step + fits
 
     sampler = _make_sampler(config, plan, train_frame)
-    run = _Run(config, plan, prepared, out_dir, model, ledger, start_step, stop_step, sampler)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "training.json", {
-        "config": config_to_dict(config), "plan": dataclasses.asdict(plan), "synthetic_data": prepared.cohort.synthetic,
-        "preprocessing": prepared.spec.as_dict(), "status": "running"})
-    volume_channels = int(network.input_shape[-1]) if prepared.spec.modality == "volume" else 1
+    write_dir = out_dir if chief else Path(tempfile.mkdtemp(prefix="dpmedtf-worker-"))
+    run = _Run(config, plan, prepared, out_dir, model, ledger, start_step, stop_step, sampler, strategy, chief, write_dir)
+    try:
+        return _fit(run, model_path)
+    finally:
+        if not chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _fit(run: "_Run", model_path: Path) -> TrainingResult:
+    config, plan, prepared, model = run.config, run.plan, run.prepared, run.model
+    if run.chief:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.out_dir / "training.json", {
+            "config": config_to_dict(config), "plan": dataclasses.asdict(plan),
+            "synthetic_data": prepared.cohort.synthetic, "preprocessing": prepared.spec.as_dict(), "status": "running"})
     started = time.monotonic()
-    if stop_step > start_step:
-        print(_plan_summary(plan, start_step, stop_step, prepared), file=sys.stderr, flush=True)
-        callbacks = [_Checkpointing(run), tf.keras.callbacks.TensorBoard(str(out_dir / "tensorboard"), update_freq="epoch")]
-        # One fit call per epoch with its exact number of chunks: Poisson epochs differ in length, and
+    if run.stop_step > run.start_step:
+        print(_plan_summary(plan, run.start_step, run.stop_step, prepared, run.strategy), file=sys.stderr, flush=True)
+        callbacks = [_Checkpointing(run)]
+        if run.chief:
+            callbacks.append(tf.keras.callbacks.TensorBoard(str(run.out_dir / "tensorboard"), update_freq="epoch"))
+        # One fit call per epoch with its exact number of steps: Poisson epochs differ in length, and
         # Keras would otherwise fix every epoch to the first one's length (cutting steps or stopping early).
-        for epoch in range(run.epoch_of(start_step), run.epochs):
-            chunks = run.epoch_chunks(epoch)
-            if not chunks:  # round()ed epoch boundaries can leave the last epoch without steps
+        for epoch in range(run.epoch_of(run.start_step), run.epochs):
+            steps = run.epoch_steps(epoch)
+            if not steps:  # round()ed epoch boundaries can leave the last epoch without steps
                 continue
-            dataset = training_dataset(prepared, "train", chunks, augment=bool(config.training.augment),
-                                       seed=config.training.seed, volume_channels=volume_channels)
-            model.fit(dataset, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=len(chunks), verbose=0,
-                      callbacks=callbacks)
+            model.fit(run.epoch_dataset(epoch), epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=len(steps),
+                      verbose=0, callbacks=callbacks)
     steps_done = int(model.step_optimizer.iterations.numpy())
-    if steps_done != stop_step:
-        raise DpmedtfError(f"training ended at step {steps_done}, expected {stop_step}; the data pipeline "
+    if steps_done != run.stop_step:
+        raise DpmedtfError(f"training ended at step {steps_done}, expected {run.stop_step}; the data pipeline "
                            "delivered fewer steps than planned")
     final_ledger = run.ledger_after(steps_done)
-    if final_ledger is not None:
-        final_ledger.save(out_dir / "ledger.json")
-    network.save(model_path)
-    summary = {"config": config_to_dict(config), "plan": dataclasses.asdict(plan), "steps": steps_done,
-               "stopped_at_budget": stop_step < plan.steps, "synthetic_data": prepared.cohort.synthetic,
-               "preprocessing": prepared.spec.as_dict(), "status": "finished",
-               "epsilon": final_ledger.epsilon() if final_ledger is not None else None,
-               "seconds_this_session": time.monotonic() - started}
-    write_json_atomic(out_dir / "training.json", summary)
-    return TrainingResult(out_dir, model_path, plan, final_ledger, steps_done, time.monotonic() - started)
+    model.network.save(run.write_dir / "model.keras")  # every worker saves; only the chief's is kept
+    if run.chief:
+        if final_ledger is not None:
+            final_ledger.save(run.out_dir / "ledger.json")
+        write_json_atomic(run.out_dir / "training.json", {
+            "config": config_to_dict(config), "plan": dataclasses.asdict(plan), "steps": steps_done,
+            "stopped_at_budget": run.stop_step < plan.steps, "synthetic_data": prepared.cohort.synthetic,
+            "preprocessing": prepared.spec.as_dict(), "status": "finished",
+            "epsilon": final_ledger.epsilon() if final_ledger is not None else None,
+            "replicas": run.strategy.num_replicas_in_sync, "seconds_this_session": time.monotonic() - started})
+    return TrainingResult(run.out_dir, model_path, plan, final_ledger, steps_done, time.monotonic() - started)
 
 
-def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedData) -> str:
+def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedData,
+                  strategy: tf.distribute.Strategy) -> str:
     what = "DP-SGD" if plan.dp else "non-private training"
     text = (f"{what}: N = {plan.dataset_size} {'patients' if plan.unit_of_privacy == 'patient' else 'images'}, "
             f"B = {plan.batch_size} (q = {plan.sampling_rate:.4g}), steps {start}→{stop} of {plan.steps}")
     if plan.dp:
         text += (f", σ = {plan.noise_multiplier:.5g}, C = {plan.clip_norm:g}, planned ε = {plan.planned_epsilon:.4g} "
                  f"at δ = {plan.delta:g} ({plan.accountant})")
+    if strategy.num_replicas_in_sync > 1:
+        text += f", on {strategy.num_replicas_in_sync} replicas ({type(strategy).__name__})"
     if prepared.cohort.synthetic:
         text += " — on SYNTHETIC data"
     return text
@@ -441,8 +491,9 @@ def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedD
 def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData) -> Ledger:
     ledger = Ledger(plan.dataset_size, plan.batch_size, plan.delta, plan.accountant, plan.unit_of_privacy,
                     plan.epsilon_budget, notes={
-                        "noise_rng": "tf.random.Generator (Philox), seeded from OS entropy" if config.privacy.noise_seed is None
-                        else f"tf.random.Generator (Philox), fixed seed {config.privacy.noise_seed} (reproducible experiments only)",
+                        "noise_rng": "stateless Philox keyed by (noise key, step); key from OS entropy" if config.privacy.noise_seed is None
+                        else f"stateless Philox keyed by (noise key, step); fixed key {config.privacy.noise_seed} (reproducible experiments only)",
+                        "noise_added": "once per step to the global clipped sum (on replica 0 under a distribution strategy)",
                         "normalisation": "noised clipped sum divided by the expected batch size",
                         "clipping_engine": CLIPPING_ENGINES[plan.clipping],
                         "max_images_per_patient_per_step": plan.max_images_per_patient if plan.unit_of_privacy == "patient" else None,

@@ -1,4 +1,4 @@
-"""Sampling: Poisson inclusion at exactly q, resumable by step, physical chunks; the tf.data input."""
+"""Sampling: Poisson inclusion at exactly q, resumable by step, shards per replica; the tf.data input."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from scipy import stats
 from dpmedtf.data.cache import PreprocessSpec, prepare
 from dpmedtf.data.manifests import load_manifest
 from dpmedtf.data.pipeline import evaluation_dataset, split_rows, training_dataset
-from dpmedtf.data.sampling import PoissonSampler, ShuffledBatches, split_into_chunks
+from dpmedtf.data.sampling import PoissonSampler, ShuffledBatches, split_among_replicas
 from dpmedtf.privacy.accounting import DpSgdSchedule
 
 
@@ -34,8 +34,8 @@ def test_poisson_batches_are_a_function_of_seed_and_step():
     assert all(np.array_equal(a.indices(s), b.indices(s)) for s in range(30))
     assert not np.array_equal(a.indices(5), PoissonSampler(500, 20, 30, seed=2).indices(5))
     # Resuming at step 17 yields exactly the rest of an uninterrupted run.
-    full = [(c.step, tuple(c.indices)) for c in a.chunks(8)]
-    resumed = [(c.step, tuple(c.indices)) for c in a.chunks(8, start_step=17)]
+    full = [(c.step, tuple(c.indices)) for c in a.shards()]
+    resumed = [(c.step, tuple(c.indices)) for c in a.shards(start_step=17)]
     assert resumed == [item for item in full if item[0] >= 17]
 
 
@@ -44,21 +44,27 @@ def test_sampler_uses_the_accountants_sampling_rate():
     assert sampler.sampling_rate == DpSgdSchedule(153_502, 128, 10, 1.0).sampling_rate
 
 
-def test_chunks_respect_the_cap_and_cover_the_step():
+def test_replica_shards_partition_each_step():
     indices = np.arange(0, 70, 2)
-    chunks = split_into_chunks(4, indices, 8)
-    assert [len(c.indices) for c in chunks] == [7, 7, 7, 7, 7] and chunks[-1].last_in_step
-    assert np.array_equal(np.concatenate([c.indices for c in chunks]), indices)
-    assert all(c.logical_batch_size == 35 and c.chunks_in_step == 5 for c in chunks)
-    empty = split_into_chunks(9, np.array([], int), 8)
-    assert len(empty) == 1 and len(empty[0].indices) == 0 and empty[0].last_in_step  # the step still happens
+    parts = split_among_replicas(indices, 4)
+    assert [len(p) for p in parts] == [9, 9, 9, 8]
+    assert np.array_equal(np.concatenate(parts), indices)
+    assert [len(p) for p in split_among_replicas(np.array([3]), 2)] == [1, 0]  # a replica may get nothing
+    sampler = PoissonSampler(500, 20, 6, seed=1)
+    # Two workers of two replicas each, each feeding its own replicas: together, every step exactly once.
+    worker_0 = list(sampler.shards(2, 5, replicas=(0, 1), num_replicas=4))
+    worker_1 = list(sampler.shards(2, 5, replicas=(2, 3), num_replicas=4))
+    assert [(s.step, s.replica) for s in worker_0] == [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+    for step in range(2, 5):
+        parts = sorted([s for s in worker_0 + worker_1 if s.step == step], key=lambda s: s.replica)
+        assert np.array_equal(np.concatenate([s.indices for s in parts]), sampler.indices(step))
 
 
 def test_empty_poisson_steps_are_kept():
     sampler = PoissonSampler(dataset_size=200, batch_size=1, steps=300, seed=0)
-    chunks = list(sampler.chunks(4))
-    assert sorted({c.step for c in chunks}) == list(range(300))
-    assert any(len(c.indices) == 0 for c in chunks)
+    shards = list(sampler.shards())
+    assert [s.step for s in shards] == list(range(300))
+    assert any(len(s.indices) == 0 for s in shards)
 
 
 def test_shuffled_batches_see_every_example_once_per_epoch():
@@ -79,24 +85,30 @@ def prepared(synthetic_cohort, tmp_path_factory):
 def test_training_dataset_gathers_the_sampled_examples(prepared):
     rows = split_rows(prepared, "train")
     sampler = PoissonSampler(len(rows), 8, 6, seed=4)
-    elements = list(training_dataset(prepared, "train", sampler.chunks(3)))
-    assert [(int(e["step"]), int(e["chunk"])) for e in elements] == [(c.step, c.chunk) for c in sampler.chunks(3)]
+    shards = list(sampler.shards(replicas=(0, 1), num_replicas=2))
+    elements = list(training_dataset(prepared, "train", shards))
+    assert [int(e["step"]) for e in elements] == [s.step for s in shards]
     labels = prepared.cohort.labels(prepared.cohort.frame.loc[rows])
-    for element, chunk in zip(elements, sampler.chunks(3)):
+    for element, shard in zip(elements, shards):
         images = element["images"].numpy()
-        assert images.shape == (len(chunk.indices), 32, 32, 3) and images.dtype == np.float32
-        np.testing.assert_array_equal(images[..., 0], prepared.array[rows[chunk.indices]] / np.float32(255))
-        np.testing.assert_array_equal(element["labels"].numpy(), labels[chunk.indices])
-        assert int(element["logical_batch_size"]) == chunk.logical_batch_size
+        assert images.shape == (len(shard.indices), 32, 32, 3) and images.dtype == np.float32
+        np.testing.assert_array_equal(images[..., 0], prepared.array[rows[shard.indices]] / np.float32(255))
+        np.testing.assert_array_equal(element["labels"].numpy(), labels[shard.indices])
 
 
 def test_augmented_training_dataset_is_reproducible(prepared):
     sampler = ShuffledBatches(len(split_rows(prepared, "train")), 8, 3, seed=0)
-    a = [e["images"].numpy() for e in training_dataset(prepared, "train", sampler.chunks(8), augment=True, seed=5)]
-    b = [e["images"].numpy() for e in training_dataset(prepared, "train", sampler.chunks(8), augment=True, seed=5)]
-    plain = [e["images"].numpy() for e in training_dataset(prepared, "train", sampler.chunks(8))]
+    shards = list(sampler.shards())
+    a = [e["images"].numpy() for e in training_dataset(prepared, "train", shards, augment=True, seed=5)]
+    b = [e["images"].numpy() for e in training_dataset(prepared, "train", shards, augment=True, seed=5)]
+    plain = [e["images"].numpy() for e in training_dataset(prepared, "train", shards)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, plain))
+    # Sharded over 3 replicas, each example is augmented exactly as in the whole step.
+    sharded = [e["images"].numpy() for e in training_dataset(
+        prepared, "train", list(sampler.shards(replicas=(0, 1, 2), num_replicas=3)), augment=True, seed=5)]
+    for step, whole in enumerate(a):
+        np.testing.assert_allclose(np.concatenate(sharded[3 * step:3 * step + 3]), whole, atol=1e-5)  # SIMD rounding
 
 
 def test_evaluation_dataset_yields_the_split_in_order(prepared):

@@ -71,23 +71,28 @@ def test_every_per_example_contribution_has_norm_at_most_c():
 
 def test_noise_standard_deviation_is_sigma_times_c():
     sigma, clip, expected_batch = 1.3, 1.5, 16.0
-    generator = tf.random.Generator.from_seed(7)
     zeros = [tf.zeros((200_000,)), tf.zeros((300, 300))]
-    draws = noised_mean(zeros, sigma * clip, expected_batch, generator)
+    draws = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([7, 0], tf.int64))
     for draw in draws:
         values = draw.numpy().ravel() * expected_batch  # undo the 1/B scaling: the noise on the sum
         assert values.std() == pytest.approx(sigma * clip, rel=0.05)
         assert abs(values.mean()) < 0.05 * sigma * clip
-    again = noised_mean(zeros, sigma * clip, expected_batch, generator)
-    assert not np.array_equal(again[0].numpy(), draws[0].numpy())  # fresh noise every step
+    next_step = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([7, 1], tf.int64))
+    assert not np.array_equal(next_step[0].numpy(), draws[0].numpy())  # fresh noise every step
+    other_key = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([8, 0], tf.int64))
+    assert not np.array_equal(other_key[0].numpy(), draws[0].numpy())  # the key, not the step alone, decides
+    assert not np.array_equal(draws[0].numpy().ravel()[:1000], draws[1].numpy().ravel()[:1000])  # per-variable streams
+    same = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([7, 0], tf.int64))
+    np.testing.assert_array_equal(same[0].numpy(), draws[0].numpy())  # a resumed step redraws its own noise
 
 
 @pytest.mark.parametrize("engine", ["fast", "vectorized", None])  # None: the non-private step
 @pytest.mark.parametrize("graph", [True, False])
 def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(engine, graph):
-    """The trainer's step with noise 0 and plain SGD, eagerly and as Keras fit runs it (graph): DP updates
-    by −lr·(Σ clipped)/B over both chunks; non-private by −lr·(mean gradient). A large lr keeps the weight
-    differences well above float32 rounding of the weights themselves."""
+    """The trainer's step with noise 0 and plain SGD, eagerly and as Keras fit runs it (graph), on 7
+    examples in physical chunks of at most 4: DP updates by −lr·(Σ clipped)/B over both chunks;
+    non-private by −lr·(mean gradient). A large lr keeps the weight differences well above float32
+    rounding of the weights themselves."""
     lr = 1000.0
     from dpmedtf.training.trainer import TrainingPlan, _StepModel
 
@@ -108,16 +113,15 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(eng
         optimizer = tf.keras.optimizers.legacy.SGD(lr)
     before = [v.numpy().copy() for v in model.trainable_variables]
     plan = TrainingPlan(dp, 100, expected_b, 1, 10, 0.0, clip, clip, 1, "image", 1e-5, "rdp", None, None, engine)
-    step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
+    step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0,
+                            max_physical_batch=4)
     train_step = tf.function(step_model.train_step) if graph else step_model.train_step
-    for chunk, (start, stop) in enumerate(((0, 4), (4, 7))):
-        train_step({"images": images[start:stop], "labels": labels[start:stop], "chunk": tf.constant(chunk),
-                    "chunks_in_step": tf.constant(2), "step": tf.constant(0), "logical_batch_size": tf.constant(7)})
-        if chunk == 0:  # mid-step: accumulated, not applied
-            np.testing.assert_array_equal(model.trainable_variables[0].numpy(), before[0])
+    train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64)})
     for b, v, e in zip(before, model.trainable_variables, expected):
         assert float(np.linalg.norm((b - v.numpy()) / lr - e.numpy()) / np.linalg.norm(e.numpy())) < 1e-4
-    assert all(float(tf.reduce_max(tf.abs(a))) == 0 for a in step_model.accumulators)  # reset for the next step
+    assert int(optimizer.iterations) == 1  # one update for the step
+    with pytest.raises(tf.errors.InvalidArgumentError, match="input step is not the optimizer step"):  # a shard of another step
+        train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64)})
 
 
 @pytest.mark.parametrize("engine", ["fast", "vectorized"])
@@ -132,7 +136,6 @@ def test_an_empty_poisson_step_still_adds_noise(engine):
         else tf.keras.optimizers.legacy.SGD(1.0)
     step_model = _StepModel(model, plan, sgd, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
     tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
-                                        "chunk": tf.constant(0), "chunks_in_step": tf.constant(1),
-                                        "step": tf.constant(0), "logical_batch_size": tf.constant(0)})
+                                        "step": tf.constant(0, tf.int64)})
     update = np.concatenate([(b - v.numpy()).ravel() for b, v in zip(before, model.trainable_variables)])
     assert update.std() == pytest.approx(1.0 / 10, rel=0.05)  # pure noise N(0, (σC)²) / B

@@ -1,0 +1,84 @@
+"""Where training runs: one device, several local devices, or several machines — TensorFlow's own
+``tf.distribute`` strategies, chosen by ``training.strategy``.
+
+- ``none``: TensorFlow's default strategy (one device: the first GPU if there is one, else the CPU).
+- ``mirrored``: ``MirroredStrategy`` over ``training.devices`` (default: every local GPU, else the CPU).
+- ``multi_worker``: ``MultiWorkerMirroredStrategy`` over the cluster in ``TF_CONFIG``, every local GPU
+  of every worker (or its CPU). It must be created before TensorFlow runs anything, so the CLI
+  creates it first thing (``strategy_for``) and training finds the same one.
+
+How DP-SGD stays one global mechanism across replicas is the trainer's business (see
+``trainer._StepModel``); this module only says which replicas exist, which shard of each step a worker
+feeds them, and whether this process is the chief that writes the run's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tensorflow as tf
+
+from dpmedtf.config import TrainingConfig
+from dpmedtf.errors import DpmedtfError
+
+_strategies: dict[tuple, tf.distribute.Strategy] = {}
+
+
+def strategy_for(training: TrainingConfig) -> tf.distribute.Strategy:
+    """The process's strategy for these settings, created once (a cluster can only be joined once)."""
+    key = (training.strategy, tuple(training.devices or ()))
+    if key not in _strategies:
+        if _strategies:
+            raise DpmedtfError(f"this process already trains with training.strategy {next(iter(_strategies))[0]!r}; "
+                               f"one process cannot switch strategies: run the job in a new process")
+        _strategies[key] = _create(training)
+    return _strategies[key]
+
+
+def _create(training: TrainingConfig) -> tf.distribute.Strategy:
+    if training.strategy == "none":
+        if training.devices:
+            raise DpmedtfError("training.devices needs training.strategy: mirrored")
+        return tf.distribute.get_strategy()
+    if training.strategy == "mirrored":
+        devices = list(training.devices) if training.devices else None
+        if devices:
+            known = {d.name.lower() for d in tf.config.list_logical_devices()}
+            known |= {name.replace("/job:localhost/replica:0/task:0", "") for name in known}
+            missing = [d for d in devices if _canonical(d) not in known]
+            if missing:
+                raise DpmedtfError(f"training.devices: {missing} not found on this machine; it has "
+                                   f"{sorted(d.name for d in tf.config.list_logical_devices())}")
+        return tf.distribute.MirroredStrategy(devices)
+    if training.devices:
+        raise DpmedtfError("training.devices applies to training.strategy: mirrored; a multi_worker job uses every "
+                           "local GPU (or the CPU) of each worker")
+    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    if not cluster.get("cluster") or not cluster.get("task"):
+        raise DpmedtfError("training.strategy: multi_worker needs TF_CONFIG with 'cluster' and 'task' set on every "
+                           "worker (see README, 'Training on several machines')")
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:  # collective ops can only be configured before TensorFlow starts
+        raise DpmedtfError(f"cannot join the TF_CONFIG cluster: {exc}. Create the strategy before TensorFlow runs "
+                           f"anything (dpmedtf train / run do)") from exc
+
+
+def _canonical(device: str) -> str:
+    name = device.lower().lstrip("/")
+    if not name.startswith("device:") and not name.startswith("job:"):
+        name = "device:" + name
+    return "/" + name
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files (ledger, checkpoints, model): the single process, or
+    the cluster's chief (worker 0 when TF_CONFIG names no chief)."""
+    return bool(strategy.extended.should_checkpoint)
+
+
+def local_replicas(context: tf.distribute.InputContext) -> range:
+    """Global indices of the replicas whose input this worker's dataset feeds, in the order its devices
+    take elements (round-robin from the worker's one dataset)."""
+    per_worker = context.num_replicas_in_sync // context.num_input_pipelines
+    return range(context.input_pipeline_id * per_worker, (context.input_pipeline_id + 1) * per_worker)
