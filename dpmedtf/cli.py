@@ -235,11 +235,13 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config
     """Train one job (DP-SGD or non-private, or an ε sweep); resumes from its last checkpoint."""
     from dpmedtf.config import load_config
     from dpmedtf.progress import progress_bar
+    from dpmedtf.training.distribution import strategy_for
     from dpmedtf.training.job import prepare_data, sweep_members
     from dpmedtf.training.trainer import train as train_one
 
     job = load_config(config)
     out = out or Path("runs") / job.name
+    strategy_for(job.training)  # first: a multi-worker cluster must be joined before TensorFlow runs anything
     with progress_bar("preparing data", 1) as advance:
         prepared = prepare_data(job, out, progress=advance)
     for name, member in sweep_members(job):

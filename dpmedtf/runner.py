@@ -61,6 +61,9 @@ def check_before_running(job: JobConfig) -> None:
     from dpmedtf.training.job import sweep_members
 
     data = job.data
+    if job.training.strategy == "multi_worker" and "train" in job.pipeline.stages:
+        raise ConfigError("training.strategy: multi_worker: start `dpmedtf train` on every worker (see README, "
+                          "'Training on several machines'), then run the evaluate and release stages here")
     if data.manifest is None:
         raise ConfigError("data.manifest is required: give the path of the manifest CSV")
     if not Path(data.manifest).is_file():

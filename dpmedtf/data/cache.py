@@ -108,7 +108,14 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
         (staging / "meta.json").write_text(json.dumps({
             "format": CACHE_FORMAT, "spec": spec.as_dict(), "manifest": str(cohort.source),
             "rows": len(cohort.frame), "quarantined": len(quarantine)}, indent=2))
-        os.replace(staging, directory)
+        try:
+            os.replace(staging, directory)
+        except OSError:
+            # Another process (e.g. another worker on shared storage) finished the same cache first:
+            # the key names its content, so use theirs.
+            if not (directory / "meta.json").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

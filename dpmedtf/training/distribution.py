@@ -25,12 +25,10 @@ _strategies: dict[tuple, tf.distribute.Strategy] = {}
 
 
 def strategy_for(training: TrainingConfig) -> tf.distribute.Strategy:
-    """The process's strategy for these settings, created once (a cluster can only be joined once)."""
+    """The process's strategy for these settings, created once (a cluster can only be joined once, and
+    every member of an ε sweep trains on the same replicas)."""
     key = (training.strategy, tuple(training.devices or ()))
     if key not in _strategies:
-        if _strategies:
-            raise DpmedtfError(f"this process already trains with training.strategy {next(iter(_strategies))[0]!r}; "
-                               f"one process cannot switch strategies: run the job in a new process")
         _strategies[key] = _create(training)
     return _strategies[key]
 
@@ -42,18 +40,18 @@ def _create(training: TrainingConfig) -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     if training.strategy == "mirrored":
         devices = list(training.devices) if training.devices else None
-        if devices:
-            known = {d.name.lower() for d in tf.config.list_logical_devices()}
-            known |= {name.replace("/job:localhost/replica:0/task:0", "") for name in known}
-            missing = [d for d in devices if _canonical(d) not in known]
-            if missing:
-                raise DpmedtfError(f"training.devices: {missing} not found on this machine; it has "
-                                   f"{sorted(d.name for d in tf.config.list_logical_devices())}")
+        missing = _missing(devices or ())  # MirroredStrategy would accept (and soft-place) a device that is not there
+        if missing:
+            raise DpmedtfError(f"training.devices: {missing} not found on this machine; it has "
+                               f"{sorted(d.name for d in tf.config.list_logical_devices())}")
         return tf.distribute.MirroredStrategy(devices)
     if training.devices:
         raise DpmedtfError("training.devices applies to training.strategy: mirrored; a multi_worker job uses every "
                            "local GPU (or the CPU) of each worker")
-    cluster = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as exc:
+        raise DpmedtfError(f"TF_CONFIG is not valid JSON ({exc})") from exc
     if not cluster.get("cluster") or not cluster.get("task"):
         raise DpmedtfError("training.strategy: multi_worker needs TF_CONFIG with 'cluster' and 'task' set on every "
                            "worker (see README, 'Training on several machines')")
@@ -61,14 +59,16 @@ def _create(training: TrainingConfig) -> tf.distribute.Strategy:
         return tf.distribute.MultiWorkerMirroredStrategy()
     except RuntimeError as exc:  # collective ops can only be configured before TensorFlow starts
         raise DpmedtfError(f"cannot join the TF_CONFIG cluster: {exc}. Create the strategy before TensorFlow runs "
-                           f"anything (dpmedtf train / run do)") from exc
+                           f"anything (`dpmedtf train` does)") from exc
 
 
-def _canonical(device: str) -> str:
-    name = device.lower().lstrip("/")
-    if not name.startswith("device:") and not name.startswith("job:"):
-        name = "device:" + name
-    return "/" + name
+def _missing(devices) -> list[str]:
+    def type_and_index(name: str) -> tuple[str, int | None]:
+        spec = tf.DeviceSpec.from_string(name)
+        return (spec.device_type or "").upper(), spec.device_index
+
+    present = {type_and_index(d.name) for d in tf.config.list_logical_devices()}
+    return [d for d in devices if type_and_index(d) not in present]
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -82,3 +82,21 @@ def local_replicas(context: tf.distribute.InputContext) -> range:
     take elements (round-robin from the worker's one dataset)."""
     per_worker = context.num_replicas_in_sync // context.num_input_pipelines
     return range(context.input_pipeline_id * per_worker, (context.input_pipeline_id + 1) * per_worker)
+
+
+def check_same_on_every_worker(strategy: tf.distribute.Strategy, value: int, what: str) -> None:
+    """Stops every worker with the same error unless all of them hold the same ``value``.
+
+    Workers that disagree (say, on the step to resume at, because one cannot see the chief's
+    checkpoints) would all-reduce gradients onto different weights and train a model nobody ran.
+    The check all-reduces Σv and Σv² — tf.distribute reduces only by sum or mean — so every worker
+    computes the same spread and all stop together.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return
+    values = strategy.run(lambda: tf.constant([value, value * value], tf.float64))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
+    mean, mean_square = total / strategy.num_replicas_in_sync
+    if mean_square - mean * mean > 1e-9 * max(1.0, mean_square):
+        raise DpmedtfError(f"the workers disagree on {what} (this worker: {value}, mean over replicas: {mean:g}); "
+                           "every worker must see the same run directory (shared storage) and the same config")

@@ -34,7 +34,7 @@ from dpmedtf.files import write_json_atomic
 from dpmedtf.privacy.clipping import check_supported, fast_clipped_gradient_sum
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
-from dpmedtf.training.distribution import is_chief, local_replicas, strategy_for
+from dpmedtf.training.distribution import check_same_on_every_worker, is_chief, local_replicas, strategy_for
 from dpmedtf.training.losses import inverse_frequency_weights, prior_weights, weighted_bce_per_example
 
 
@@ -412,6 +412,8 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     checkpoint = None if force else latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is not None:
         start_step, ledger = _resume(checkpoint, model, plan, ledger, out_dir)
+    check_same_on_every_worker(strategy, plan.dataset_size, "the number of training records")
+    check_same_on_every_worker(strategy, start_step, "the step to resume at")
     stop_step = plan.steps
     if plan.dp and plan.epsilon_budget is not None:
         fits = ledger.max_steps_within_budget(plan.steps - start_step, plan.sampling_rate, plan.noise_multiplier)

@@ -1,0 +1,106 @@
+"""One process of a distributed-training test: joins a tf.distribute strategy, then runs trainer steps.
+
+  python -m tests.training.distributed_run '{"strategy": "mirrored", "logical_cpus": 2, "out": "updates.npz"}'
+  python -m tests.training.distributed_run '{"job": "job.yaml", "logical_cpus": 2, "out": "run"}'
+  python -m tests.training.distributed_run '{"strategy": "multi_worker", "disagree": true}'
+
+Logical CPU devices and a multi-worker cluster (TF_CONFIG) must both be set up before TensorFlow runs
+anything, so each case is its own process. The updates of one trainer step are computed for every case
+in ``STEP_CASES`` and the chief writes them to ``out``; ``step_updates`` is also what the tests call
+in-process for the single-device reference. With ``job``, the process trains that job as
+``dpmedtf train`` does (the CLI itself cannot split the CPU into logical devices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+STEP_CASES = {  # name: (clipping engine or None for non-private, noise multiplier)
+    "fast": ("fast", 0.0), "vectorized": ("vectorized", 0.0), "nondp": (None, None),
+    "fast-noise": ("fast", 1.0), "vectorized-noise": ("vectorized", 1.0)}
+EXAMPLES, EXPECTED_BATCH, CLIP, LEARNING_RATE = 7, 10, 0.2, 1000.0
+
+
+def step_updates(strategy) -> dict[str, np.ndarray]:
+    """For each case: the change of every weight (flattened, concatenated) after one trainer step with
+    plain SGD on the same 7 examples, sharded over the strategy's replicas, in chunks of at most 3."""
+    import tensorflow as tf
+    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import make_vectorized_keras_optimizer_class
+
+    from dpmedtf.data.sampling import split_among_replicas
+    from dpmedtf.models import build_resnet9
+    from dpmedtf.training.distribution import local_replicas
+    from dpmedtf.training.trainer import TrainingPlan, _StepModel
+
+    rng = np.random.default_rng(2)
+    images = rng.random((EXAMPLES, 32, 32, 3), dtype=np.float32)
+    labels = rng.integers(0, 2, (EXAMPLES, 4)).astype(np.float32)
+
+    def shards_for_worker(context):
+        parts = split_among_replicas(np.arange(EXAMPLES), context.num_replicas_in_sync)
+        local = [parts[r] for r in local_replicas(context)]
+        return tf.data.Dataset.from_generator(
+            lambda: ({"images": images[p], "labels": labels[p], "step": np.int64(0)} for p in local),
+            output_signature={"images": tf.TensorSpec([None, 32, 32, 3]), "labels": tf.TensorSpec([None, 4]),
+                              "step": tf.TensorSpec([], tf.int64)})
+
+    updates = {}
+    for name, (engine, noise) in STEP_CASES.items():
+        tf.keras.utils.set_random_seed(0)
+        with strategy.scope():
+            network = build_resnet9((32, 32, 3), 4, groups=4, widths=(8, 16, 16, 32))
+            optimizer = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
+                l2_norm_clip=CLIP, noise_multiplier=0.0, learning_rate=LEARNING_RATE) if engine == "vectorized" \
+                else tf.keras.optimizers.legacy.SGD(LEARNING_RATE)
+            plan = TrainingPlan(engine is not None, 100, EXPECTED_BATCH, 1, 10, noise, CLIP, CLIP, 1, "image", 1e-5,
+                                "rdp", None, None, engine)
+            model = _StepModel(network, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32),
+                               noise_seed=3, max_physical_batch=3)
+        before = np.concatenate([v.numpy().ravel() for v in network.trainable_variables])
+        inputs = iter(strategy.distribute_datasets_from_function(shards_for_worker))
+        tf.function(lambda: strategy.run(model.train_step, args=(next(inputs),)))()
+        updates[name] = np.concatenate([v.numpy().ravel() for v in network.trainable_variables]) - before
+    return updates
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    import tensorflow as tf
+
+    if args.get("logical_cpus", 1) > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args["logical_cpus"])
+    from dpmedtf.config import TrainingConfig, load_config
+    from dpmedtf.errors import DpmedtfError
+    from dpmedtf.training.distribution import is_chief, strategy_for
+
+    if "job" in args:
+        from dpmedtf.training.job import prepare_data
+        from dpmedtf.training.trainer import train
+
+        job = load_config(args["job"])
+        strategy_for(job.training)
+        out = Path(args["out"])
+        train(job, prepare_data(job, out), out)
+        return
+    strategy = strategy_for(TrainingConfig(strategy=args["strategy"], devices=args.get("devices")))
+    if "disagree" in args:  # each worker holds its own index: every one must stop with the same error
+        from dpmedtf.training.distribution import check_same_on_every_worker
+
+        try:
+            check_same_on_every_worker(strategy, json.loads(os.environ["TF_CONFIG"])["task"]["index"], "the index")
+        except DpmedtfError as error:
+            print(error)
+            sys.exit(3)
+        return
+    updates = step_updates(strategy)
+    if is_chief(strategy):
+        np.savez(args["out"], replicas=strategy.num_replicas_in_sync, **updates)
+
+if __name__ == "__main__":
+    main()
