@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/data_pipeline.py
 	$(VENV)/bin/python benchmarks/bootstrap.py
 	$(VENV)/bin/python benchmarks/dp_engines.py --large 128:224
+	$(VENV)/bin/python benchmarks/distributed.py
 	$(VENV)/bin/python benchmarks/synthetic_utility.py
 	$(VENV)/bin/python benchmarks/mia_audit.py
 

@@ -38,11 +38,14 @@ def torch_python(env_dir: Path) -> Path:
     return python
 
 
-def run_engine(engine: str, batch_size: int, image_size: int, steps: int, out: Path, python_for_torch: Path) -> dict:
+def run_engine(engine: str, batch_size: int, image_size: int, steps: int, out: Path, python_for_torch: Path | None,
+               devices: int = 1) -> dict:
     script, python = (("opacus_step.py", python_for_torch) if engine in TORCH_ENGINES
                       else ("dp_step.py", Path(sys.executable)))
     command = [str(python), str(HERE / script), "--engine", engine, "--batch-size", str(batch_size),
                "--image-size", str(image_size), "--steps", str(steps), "--json", str(out)]
+    if devices > 1:
+        command += ["--devices", str(devices)]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from dpmedtf.config import load_config
 from dpmedtf.privacy.ledger import Ledger
@@ -180,3 +181,25 @@ def test_a_pipeline_points_multi_worker_training_to_dpmedtf_train(cohort_manifes
     job = load_config(job_file(tmp_path, cohort_manifest, PRIVACY, {**TRAINING, "strategy": "multi_worker"}))
     with pytest.raises(ConfigError, match="start `dpmedtf train` on every worker"):
         check_before_running(job)
+
+
+def test_the_kubernetes_example_gives_each_worker_its_tf_config():
+    documents = list(yaml.safe_load_all((ROOT / "examples" / "kubernetes" / "train-job.yaml").read_text()))
+    service = next(d for d in documents if d["kind"] == "Service")
+    job = next(d for d in documents if d["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    assert pod["subdomain"] == service["metadata"]["name"] and job["spec"]["completionMode"] == "Indexed"
+    script = pod["containers"][0]["args"][0]
+    export = next(line for line in script.splitlines() if line.startswith("export TF_CONFIG="))
+    port = service["spec"]["ports"][0]["port"]
+    workers = job["spec"]["completions"]
+    for index in range(workers):
+        printed = subprocess.run(["sh", "-c", f'{export}; printf %s "$TF_CONFIG"'], capture_output=True, text=True,
+                                 env={"JOB_COMPLETION_INDEX": str(index)}, check=True).stdout
+        tf_config = json.loads(printed)
+        assert tf_config["task"] == {"type": "worker", "index": index}
+        # Each pod's DNS name under the headless service: <job>-<index>.<subdomain>.
+        assert tf_config["cluster"]["worker"] == [f"{job['metadata']['name']}-{i}.{pod['subdomain']}:{port}"
+                                                  for i in range(workers)]
+    assert "dpmedtf train" in script
