@@ -253,7 +253,7 @@ class _Checkpointing(tf.keras.callbacks.Callback):
         super().__init__()
         self.run = run
         self.last_saved = run.start_step
-        self.writer = tf.summary.create_file_writer(str(run.out_dir / "tensorboard" / "privacy"))
+        self.writer = tf.summary.create_file_writer(str(run.write_dir / "tensorboard" / "privacy"))
         self.epoch_started = time.monotonic()
 
     def _steps_done(self) -> int:
