@@ -20,7 +20,8 @@ def ledger(delta=1e-5, unit="image", steps=(400,), **notes) -> Ledger:
 
 
 def test_certificate_states_what_the_ledger_recorded():
-    source = ledger(steps=(150, 250), clipping_engine="dpmedtf fast clipping")  # resumed: two sessions, one schedule
+    source = ledger(steps=(150, 250), clipping_engine="dpmedtf fast clipping",  # resumed: two sessions, one schedule
+                    noise_added="once per step to the global clipped sum")
     certificate = build_certificate(source, ({"what": "decision thresholds", "how": "validation",
                                               "private_data_used": True},))
     assert schema_problems(certificate, "privacy_certificate.schema.json") == []
@@ -35,6 +36,7 @@ def test_certificate_states_what_the_ledger_recorded():
     assert "class weights; decision thresholds" in certificate["statement"]
     assert "group privacy over 3 images" in certificate["statement"]
     assert certificate["clipping"] == {"engine": "dpmedtf fast clipping"}
+    assert certificate["noise"]["added"] == "once per step to the global clipped sum"
     assert check_consistency(certificate) == []
 
 
