@@ -215,14 +215,11 @@ def augment(images: tf.Tensor, seed: tf.Tensor, max_degrees: float = 10.0, examp
     not on which other examples share its batch: a step's augmentation is then the same however the
     step is sharded across replicas.
     """
-    n = tf.shape(images)[0]
+    if example_ids is None:  # the batch is the population
+        example_ids, population = tf.range(tf.shape(images)[0]), tf.shape(images)[0]
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-    if example_ids is None:
-        angles = tf.random.stateless_uniform([n], seeds[0], -max_degrees, max_degrees)
-        flip = tf.random.stateless_uniform([n], seeds[1]) < 0.5
-    else:
-        angles = tf.gather(tf.random.stateless_uniform([population], seeds[0], -max_degrees, max_degrees), example_ids)
-        flip = tf.gather(tf.random.stateless_uniform([population], seeds[1]), example_ids) < 0.5
+    angles = tf.gather(tf.random.stateless_uniform([population], seeds[0], -max_degrees, max_degrees), example_ids)
+    flip = tf.gather(tf.random.stateless_uniform([population], seeds[1]), example_ids) < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
     return _rotate(images, angles * (math.pi / 180.0))
 

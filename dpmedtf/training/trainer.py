@@ -396,7 +396,7 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
         positive_weight = negative_weight = np.ones(labels.shape[1], np.float32)
     # Noise must be unpredictable to anyone without the (private) checkpoint: seed from OS entropy
     # unless a seed is given for reproducible experiments; the seed lives only in the checkpoint.
-    # (Under multi_worker, tf.distribute initialises every worker's copy from the chief's.)
+    # Under a strategy only replica 0 (on the chief) draws noise, so only the chief's key is ever used.
     noise_seed = config.privacy.noise_seed if config.privacy.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     with strategy.scope():  # variables are mirrored on every replica
         network = _build_network(config, prepared, labels.shape[1])
