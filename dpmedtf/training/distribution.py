@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+
 import tensorflow as tf
 
 from dpmedtf.config import TrainingConfig
