@@ -85,19 +85,26 @@ def local_replicas(context: tf.distribute.InputContext) -> range:
     return range(context.input_pipeline_id * per_worker, (context.input_pipeline_id + 1) * per_worker)
 
 
-def check_same_on_every_worker(strategy: tf.distribute.Strategy, value: int, what: str) -> None:
-    """Stops every worker with the same error unless all of them hold the same ``value``.
+def check_same_on_every_worker(strategy: tf.distribute.Strategy, values: dict[str, int]) -> None:
+    """Stops every worker with the same error unless all of them hold the same ``values`` (what → int).
 
     Workers that disagree (say, on the step to resume at, because one cannot see the chief's
     checkpoints) would all-reduce gradients onto different weights and train a model nobody ran.
-    The check all-reduces Σv and Σv² — tf.distribute reduces only by sum or mean — so every worker
-    computes the same spread and all stop together.
+    tf.distribute reduces only by sum or mean, so each replica writes its values into its own row of a
+    replicas × values table and the table is summed: every worker then holds every replica's values
+    exactly (integers below 2⁵³ in float64) and all stop together. One all-reduce for all the values.
     """
-    if strategy.num_replicas_in_sync == 1:
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
         return
-    values = strategy.run(lambda: tf.constant([value, value * value], tf.float64))
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
-    mean, mean_square = total / strategy.num_replicas_in_sync
-    if mean_square - mean * mean > 1e-9 * max(1.0, mean_square):
-        raise DpmedtfError(f"the workers disagree on {what} (this worker: {value}, mean over replicas: {mean:g}); "
-                           "every worker must see the same run directory (shared storage) and the same config")
+    mine = tf.constant(list(values.values()), tf.float64)
+
+    def own_row():
+        row = tf.one_hot(tf.distribute.get_replica_context().replica_id_in_sync_group, replicas, dtype=tf.float64)
+        return row[:, None] * mine[None, :]
+
+    table = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(own_row), axis=None).numpy()
+    for what, column in zip(values, table.T):
+        if len(set(column)) > 1:
+            raise DpmedtfError(f"the workers disagree on {what} (replicas: {', '.join(f'{v:.0f}' for v in column)}); "
+                               "every worker must see the same run directory (shared storage) and the same config")

@@ -412,8 +412,8 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     checkpoint = None if force else latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is not None:
         start_step, ledger = _resume(checkpoint, model, plan, ledger, out_dir)
-    check_same_on_every_worker(strategy, plan.dataset_size, "the number of training records")
-    check_same_on_every_worker(strategy, start_step, "the step to resume at")
+    check_same_on_every_worker(strategy, {"the number of training records": plan.dataset_size,
+                                          "the step to resume at": start_step})
     stop_step = plan.steps
     if plan.dp and plan.epsilon_budget is not None:
         fits = ledger.max_steps_within_budget(plan.steps - start_step, plan.sampling_rate, plan.noise_multiplier)

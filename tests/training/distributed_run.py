@@ -89,11 +89,12 @@ def main() -> None:
         train(job, prepare_data(job, out), out)
         return
     strategy = strategy_for(TrainingConfig(strategy=args["strategy"], devices=args.get("devices")))
-    if "disagree" in args:  # each worker holds its own index: every one must stop with the same error
+    if "disagree" in args:  # the workers hold 10⁶ and 10⁶ + 1: every one must stop with the same error
         from dpmedtf.training.distribution import check_same_on_every_worker
 
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
         try:
-            check_same_on_every_worker(strategy, json.loads(os.environ["TF_CONFIG"])["task"]["index"], "the index")
+            check_same_on_every_worker(strategy, {"the step to resume at": 1_000_000 + index, "N": 500})
         except DpmedtfError as error:
             print(error)
             sys.exit(3)
