@@ -31,7 +31,6 @@ class Shard:
     """Example indices (into the dataset); may be empty (an empty Poisson batch, or fewer examples than replicas)."""
     replica: int
     """Global replica index (0 … num_replicas − 1) this shard is computed on."""
-    num_replicas: int
 
 
 def split_among_replicas(indices: np.ndarray, num_replicas: int) -> list[np.ndarray]:
@@ -62,7 +61,7 @@ class _StepSampler:
         for step in range(start_step, self.steps if stop_step is None else min(stop_step, self.steps)):
             parts = split_among_replicas(self.indices(step), num_replicas)
             for replica in replicas:
-                yield Shard(step, parts[replica], replica, num_replicas)
+                yield Shard(step, parts[replica], replica)
 
 
 @dataclass(frozen=True)
