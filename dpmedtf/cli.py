@@ -248,7 +248,8 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config
         result = train_one(member, prepared, out / name if name else out, force=force)
         privacy = (f"ε = {result.ledger.epsilon():.4g} at δ = {result.plan.delta:g}" if result.ledger is not None
                    else "non-private")
-        typer.echo(f"{result.model_path} ({result.steps} steps, {privacy})")
+        written = "" if result.chief else ", written by the chief worker"
+        typer.echo(f"{result.model_path} ({result.steps} steps, {privacy}{written})")
 
 
 @app.command("evaluate")

@@ -103,7 +103,11 @@ def check_same_on_every_worker(strategy: tf.distribute.Strategy, values: dict[st
         row = tf.one_hot(tf.distribute.get_replica_context().replica_id_in_sync_group, replicas, dtype=tf.float64)
         return row[:, None] * mine[None, :]
 
-    table = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(own_row), axis=None).numpy()
+    @tf.function  # run eagerly, a collective strategy warns of its overhead on every call
+    def summed_table():
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(own_row), axis=None)
+
+    table = summed_table().numpy()
     for what, column in zip(values, table.T):
         if len(set(column)) > 1:
             raise DpmedtfError(f"the workers disagree on {what} (replicas: {', '.join(f'{v:.0f}' for v in column)}); "

@@ -359,6 +359,8 @@ class TrainingResult:
     ledger: Ledger | None
     steps: int
     seconds: float
+    chief: bool = True
+    """Whether this process wrote the run's files (False on the other workers of a multi-worker job)."""
 
 
 def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike, force: bool = False) -> TrainingResult:
@@ -472,7 +474,8 @@ def _fit(run: "_Run", model_path: Path) -> TrainingResult:
             "preprocessing": prepared.spec.as_dict(), "status": "finished",
             "epsilon": final_ledger.epsilon() if final_ledger is not None else None,
             "replicas": run.strategy.num_replicas_in_sync, "seconds_this_session": time.monotonic() - started})
-    return TrainingResult(run.out_dir, model_path, plan, final_ledger, steps_done, time.monotonic() - started)
+    return TrainingResult(run.out_dir, model_path, plan, final_ledger, steps_done, time.monotonic() - started,
+                          run.chief)
 
 
 def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedData,

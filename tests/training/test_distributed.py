@@ -150,8 +150,11 @@ def test_two_worker_cli_training_writes_only_from_the_chief(cohort_manifest, tmp
     job = job_file(tmp_path, cohort_manifest, PRIVACY, {**TRAINING, "strategy": "multi_worker"})
     out = tmp_path / "run"
     envs = worker_envs(2, tmp_path)
-    run_together([[DPMEDTF, "train", str(job), "--out", str(out)]] * 2, envs)
+    chief_output, worker_output = run_together([[DPMEDTF, "train", str(job), "--out", str(out)]] * 2, envs)
     check_same_training(out, single_device_run)
+    # Each worker says who wrote the model; none warns of running collectives eagerly.
+    assert "written by the chief" not in chief_output and "written by the chief worker" in worker_output
+    assert "eagerly" not in chief_output + worker_output
     # The worker's checkpoint and model copies went to its own scratch directory, removed at the end.
     assert list((tmp_path / "tmp-worker-1").iterdir()) == []
     # The same files as one process writes: no second TensorBoard event file, ledger or checkpoint.
