@@ -71,15 +71,18 @@ def table_markdown(results: list[dict], device_counts: list[int]) -> str:
                   for d in device_counts}
         errors = {d: next((r["error"] for r in runs if r.get("devices", 1) == d and "error" in r), "–") for d in device_counts}
         cells = [f"{statistics.median(speeds[d].values()):.1f}" if speeds[d] else errors[d] for d in device_counts]
-        ratios = []
-        for d in device_counts:
-            if d == 1:
-                continue
-            per_round = [speeds[d][k] / speeds[1][k] for k in speeds[d] if k in speeds[1]]
-            ratios.append(f"{statistics.median(per_round):.2f}× [{min(per_round):.2f}–{max(per_round):.2f}]"
-                          if per_round else "–")
+        ratios = [ratio_cell([speeds[d][k] / speeds[1][k] for k in speeds[d] if k in speeds[1]])
+                  for d in device_counts if d > 1]
         lines.append("| " + " | ".join([str(image_size), str(batch_size), engine, *cells, *ratios]) + " |")
     return "\n".join(lines)
+
+
+def ratio_cell(per_round: list[float]) -> str:
+    """Median [min–max] of one replica count's per-round throughput ratios."""
+    if not per_round:
+        return "–"
+    return f"{statistics.median(per_round):.2f}× [{min(per_round):.2f}–{max(per_round):.2f}]"
+
 
 if __name__ == "__main__":
     main()
