@@ -2,8 +2,10 @@
 
 Two things break per-example privacy: a layer that mixes examples within a batch (BatchNorm's batch
 statistics make one example's output depend on the others, so no per-example gradient exists), and
-trainable weights the DP engine cannot clip per example. Like opacus' ModuleValidator, every problem
-is collected and reported at once rather than one per attempt.
+trainable weights the DP engine cannot clip per example. Which layers the fast engine clips is the
+clipping registry's to say (``privacy.clipping.registry``), nowhere else; the vectorized engine
+(tensorflow-privacy's per-example Jacobians) clips any layer's weights. Like opacus' ModuleValidator,
+every problem is collected and reported at once rather than one per attempt.
 """
 
 from __future__ import annotations
@@ -11,15 +13,27 @@ from __future__ import annotations
 import tensorflow as tf
 
 from dpmedtf.errors import DpmedtfError
-from dpmedtf.models.acs import ACSConv
 
-# Layers whose per-example gradient norms the DP engines compute (see the fast-DP engine issue).
-CLIPPABLE_LAYERS: tuple[type, ...] = (tf.keras.layers.Conv2D, tf.keras.layers.Conv3D, ACSConv,
-                                      tf.keras.layers.GroupNormalization, tf.keras.layers.Dense)
+ENGINES: tuple[str, ...] = ("fast", "vectorized")
+"""The DP clipping engines (``training.clipping``) a model can be validated for."""
 
 
 class DpIncompatibleModelError(DpmedtfError):
     """The model has layers that DP-SGD cannot train with a per-example guarantee."""
+
+
+def __getattr__(name: str):
+    # CLIPPABLE_LAYERS, kept for importers: the registry's classes, read when asked for, not a copy.
+    if name == "CLIPPABLE_LAYERS":
+        return _registry().supported_layer_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _registry():
+    # Imported on use: the registry's rules import models.acs, so a module-level import would be circular.
+    from dpmedtf.privacy.clipping import registry
+
+    return registry
 
 
 def leaf_layers(model: tf.keras.layers.Layer):
@@ -36,24 +50,32 @@ def _mixes_examples(layer: tf.keras.layers.Layer) -> bool:
     return isinstance(layer, tf.keras.layers.BatchNormalization) or "BatchNorm" in type(layer).__name__
 
 
-def dp_problems(model: tf.keras.Model) -> list[str]:
-    """Every reason ``model`` cannot be trained with DP-SGD, one line each (empty when it can)."""
+def dp_problems(model: tf.keras.Model, engine: str = "fast") -> list[str]:
+    """Every reason ``model`` cannot be trained with DP-SGD on ``engine``, one line each (empty when it can).
+
+    ``engine`` "fast" accepts the layers the clipping registry has a rule for, plus layers without
+    trainable weights; "vectorized" accepts any layer that does not mix examples.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    registry = _registry()
     problems = []
-    supported = ", ".join(cls.__name__ for cls in CLIPPABLE_LAYERS)
     for layer in leaf_layers(model):
         kind = type(layer).__name__
         if _mixes_examples(layer):
             problems.append(f"layer '{layer.name}' ({kind}) mixes examples within a batch through batch "
                             "statistics; replace it with GroupNormalization (build_resnet9 uses GroupNorm(32))")
-        elif layer.trainable_weights and not isinstance(layer, CLIPPABLE_LAYERS):
+        elif engine == "fast" and layer.trainable_weights and not registry.is_supported(layer):
+            supported = ", ".join(cls.__name__ for cls in registry.supported_layer_types())
             problems.append(f"layer '{layer.name}' ({kind}) has trainable weights the DP engine cannot clip per "
-                            f"example (supported: {supported}); freeze it (layer.trainable = False) or replace it")
+                            f"example with fast clipping (supported: {supported}); freeze it "
+                            "(layer.trainable = False), replace it, or use training.clipping: vectorized")
     return problems
 
 
-def validate_for_dp(model: tf.keras.Model) -> None:
-    """Raises DpIncompatibleModelError listing every layer DP-SGD cannot train; returns None if fine."""
-    problems = dp_problems(model)
+def validate_for_dp(model: tf.keras.Model, engine: str = "fast") -> None:
+    """Raises DpIncompatibleModelError listing every layer DP-SGD on ``engine`` cannot train; None if fine."""
+    problems = dp_problems(model, engine)
     if problems:
-        raise DpIncompatibleModelError(f"model '{model.name}' cannot be trained with DP-SGD:\n  - "
-                                       + "\n  - ".join(problems))
+        raise DpIncompatibleModelError(f"model '{model.name}' cannot be trained with DP-SGD (clipping engine: "
+                                       f"{engine}):\n  - " + "\n  - ".join(problems))

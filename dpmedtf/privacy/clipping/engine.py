@@ -4,7 +4,8 @@ One forward pass records, for every trainable layer, its input and its pre-activ
 backward pass gives the gradient of Σᵢ ℓᵢ with respect to each of those outputs. Because no layer
 mixes examples (GroupNorm, not BatchNorm — see ``models.validate``), row i of that gradient belongs
 to example i alone, so each layer's per-example squared norm follows from its input and output
-gradient (``registry``/``norms``). With the clip weights cᵢ = C / max(C, ‖∇ℓᵢ‖), the clipped sum
+gradient (``registry``/``norms``, accumulated in float64). With the clip weights cᵢ = min(1, C/‖∇ℓᵢ‖)
+(C lowered by a few units in the last place so that rounding cannot push cᵢ‖∇ℓᵢ‖ past C), the clipped sum
 needs no second backward pass through the network ("book-keeping", Bu et al. 2023): where a layer's
 per-example gradients Gᵢ were instantiated it is Σᵢ cᵢ Gᵢ; where the norm came from Gram matrices it
 is the layer's weight gradient with the output-gradient rows scaled by cᵢ, obtained from TensorFlow's
@@ -23,6 +24,7 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry as 
 
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.models.validate import leaf_layers
+from dpmedtf.privacy.clipping.norms import NORM_DTYPE, clip_factors, round_up_to
 from dpmedtf.privacy.clipping.registry import make_layer_registry
 
 
@@ -37,7 +39,7 @@ class ClippedGradients(NamedTuple):
     """Σᵢ cᵢ ∇ℓᵢ for each of the network's trainable variables, in their order."""
     per_example_losses: tf.Tensor
     norms: tf.Tensor
-    """‖∇ℓᵢ‖ before clipping, shape (B,)."""
+    """‖∇ℓᵢ‖ before clipping, shape (B,), in the losses' dtype (rounded up from float64)."""
 
 
 @dataclass(frozen=True)
@@ -96,20 +98,36 @@ def fast_clipped_gradient_sum(network: tf.keras.Model, inputs: tf.Tensor,
     output_grads = tape.gradient(total, [r.base for r in records],
                                  unconnected_gradients=tf.UnconnectedGradients.ZERO)
     del tape
-    squared = tf.add_n([r.squared_norms(g) for r, g in zip(records, output_grads)])
-    norms = tf.sqrt(squared)
-    clip_weights = clip_norm / tf.maximum(clip_norm, norms)
+    # Squared norms add up across layers in float64, and the clip factors are rounded so that no clipped
+    # gradient exceeds C by a rounding error (``norms.clip_factors``).
+    squared = tf.maximum(tf.add_n([_squared_norms64(r, g) for r, g in zip(records, output_grads)]), 0.0)
+    clip_weights = {}
+
+    def clip_weights_in(dtype: tf.DType) -> tf.Tensor:
+        if dtype not in clip_weights:
+            clip_weights[dtype] = clip_factors(squared, clip_norm, dtype)
+        return clip_weights[dtype]
 
     sums = {}
     for record, grads in zip(records, output_grads):
+        weights = clip_weights_in(grads.dtype)
         kept = getattr(record.squared_norms, "clipped_sums", None)
-        layer_sums = kept(clip_weights) if kept is not None else None
+        layer_sums = kept(weights) if kept is not None else None
         if layer_sums is None:
-            weighted = grads * tf.reshape(clip_weights, [-1] + [1] * (grads.shape.rank - 1))
+            weighted = grads * tf.reshape(weights, [-1] + [1] * (grads.shape.rank - 1))
             layer_sums = _weight_gradient(record, weighted)
         for variable, total_grad in zip(record.layer.trainable_variables, layer_sums):
             sums[variable.ref()] = total_grad
+    norms = round_up_to(tf.sqrt(squared), losses.dtype)
     return ClippedGradients([sums[v.ref()] for v in network.trainable_variables], losses, norms)
+
+
+def _squared_norms64(record: _LayerRecord, output_grads: tf.Tensor) -> tf.Tensor:
+    """A layer's (B,) squared norms in float64: dpmedtf's rules accumulate in float64 already."""
+    exact = getattr(record.squared_norms, "squared_norms64", None)
+    if exact is not None:
+        return exact(output_grads)
+    return tf.cast(record.squared_norms(output_grads), NORM_DTYPE)
 
 
 def _weight_gradient(record: _LayerRecord, output_grads: tf.Tensor) -> list[tf.Tensor]:

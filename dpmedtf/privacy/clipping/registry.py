@@ -4,20 +4,37 @@ tensorflow-privacy's ``LayerRegistry`` maps a layer class to a function
 ``(layer, input_args, input_kwargs, tape, num_microbatches) -> (base_vars, outputs, sqr_norm_fn)``:
 ``base_vars`` is a tensor the tape watches (the layer's pre-activation output), and
 ``sqr_norm_fn(∂L/∂base_vars)`` returns each example's squared gradient norm for the layer's weights.
-It ships Dense and Embedding; we add Conv2D, Conv3D, ACSConv and GroupNormalization in the same form,
-so the registry also plugs into tensorflow-privacy's own ``compute_gradient_norms``.
+We register Dense, Conv1D, Conv2D, Conv3D, ACSConv and GroupNormalization in that form, so the
+registry also plugs into tensorflow-privacy's own ``compute_gradient_norms``.
+
+This table is the one list of layers with trainable weights that the fast engine clips per example:
+``models.validate`` asks ``is_supported``. Lookup is by exact class, as in tensorflow-privacy, so a
+subclass (Conv2DTranspose is a Conv2D) is never taken for its parent. tensorflow-privacy's Embedding
+rule is left out: its ``base_vars`` is the table itself, whose rows are vocabulary entries and not
+examples, so the engine's book-keeping clipped sum cannot weight them per example.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import tensorflow as tf
-from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry as tfp_registry
 
-from dpmedtf.models.acs import ACSConv, acs_split
-from dpmedtf.privacy.clipping.norms import (conv_cost_prefers_ghost, conv_ghost_squared_norms, group_normalize,
-                                            per_example_conv_kernel_grads, squared_norms_of, summed_over_positions)
+from dpmedtf.privacy.clipping.norms import (conv_cost_prefers_ghost, conv_ghost_squared_norms,
+                                            flatten_positions, ghost_is_cheaper, gram_squared_norms, group_normalize,
+                                            per_example_conv_kernel_grads, round_up_to, squared_norms_of,
+                                            summed_over_positions)
+
+if TYPE_CHECKING:
+    from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import LayerRegistry
+
+    from dpmedtf.models.acs import ACSConv
+
+NormMethod = Literal["cost", "ghost", "instantiate"]
+"""How a convolution's (or a sequence Dense's) norm is had: cheaper by the cost model, or forced."""
+
+NORM_METHODS: tuple[str, ...] = ("cost", "ghost", "instantiate")
 
 _ACS_PLANES = ("axial", "coronal", "sagittal")
 
@@ -25,26 +42,31 @@ _ACS_PLANES = ("axial", "coronal", "sagittal")
 class LayerGradients:
     """A tensorflow-privacy ``sqr_norm_fn`` that keeps the per-example gradients it instantiated.
 
-    ``compute(∂L/∂base)`` returns (squared norms (B,), per-example gradients per trainable variable, or
-    None when the norms came from Gram matrices). Kept gradients give the clipped sum as Σᵢ cᵢ Gᵢ.
+    ``compute(∂L/∂base)`` returns (float64 squared norms (B,), per-example gradients per trainable
+    variable, or None when the norms came from Gram matrices). Kept gradients give the clipped sum as
+    Σᵢ cᵢ Gᵢ. Called as tensorflow-privacy calls it, the norms come back in the layer's dtype, rounded up.
     """
 
-    def __init__(self, compute):
+    def __init__(self, compute: Callable[[tf.Tensor], tuple[tf.Tensor, list[tf.Tensor] | None]]):
         self._compute = compute
         self.per_example: list[tf.Tensor] | None = None
 
-    def __call__(self, base_grads: tf.Tensor) -> tf.Tensor:
+    def squared_norms64(self, base_grads: tf.Tensor) -> tf.Tensor:
         squared, self.per_example = self._compute(base_grads)
         return squared
+
+    def __call__(self, base_grads: tf.Tensor) -> tf.Tensor:
+        return round_up_to(self.squared_norms64(base_grads), base_grads.dtype)
 
     def clipped_sums(self, clip_weights: tf.Tensor) -> list[tf.Tensor] | None:
         """Σᵢ cᵢ Gᵢ per variable, or None when the gradients were never instantiated."""
         if self.per_example is None:
             return None
-        return [tf.tensordot(clip_weights, grads, axes=1) for grads in self.per_example]
+        return [tf.tensordot(tf.cast(clip_weights, grads.dtype), grads, axes=1) for grads in self.per_example]
 
 
 def _instantiated(per_example: list[tf.Tensor]):
+    """The norms of exactly the gradients that will be summed (so cᵢ bounds what is added)."""
     return tf.add_n([squared_norms_of(grads) for grads in per_example]), per_example
 
 
@@ -56,22 +78,34 @@ def _single_input(layer, input_args: Sequence[Any], input_kwargs: Mapping[str, A
     return input_args[0]
 
 
-def _pre_activation(layer, inputs: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(output before the activation, output): the norms need the gradient before a non-linearity."""
+def _pre_activation(layer, inputs: tf.Tensor, tape: tf.GradientTape) -> tuple[tf.Tensor, tf.Tensor]:
+    """(output before the activation, output), the first watched BEFORE the activation is applied.
+
+    The norms need the gradient before a non-linearity. The engine's tape watches no variable, so an
+    activation applied before ``tape.watch`` is not recorded when nothing upstream is watched (the
+    network's first layer): its base would get no gradient at all.
+    """
     activation = layer.activation
     if activation is None or activation is tf.keras.activations.linear:
         outputs = layer(inputs)
+        tape.watch(outputs)
         return outputs, outputs
     layer.activation = None
     try:
         base = layer(inputs)
     finally:
         layer.activation = activation
+    tape.watch(base)
     return base, activation(base)
 
 
-def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTape, num_microbatches=None):
-    """Conv2D / Conv3D (channels last, dilation 1, groups 1): ghost or instantiated kernel norms by cost."""
+def _use_ghost(method: NormMethod, prefers_ghost: Callable[[], bool]) -> bool:
+    return prefers_ghost() if method == "cost" else method == "ghost"
+
+
+def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTape, num_microbatches=None, *,
+                           method: NormMethod = "cost"):
+    """Conv1D / Conv2D / Conv3D (channels last, dilation 1, groups 1): ghost or instantiated kernel norms."""
     inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
     unsupported = [what for what, bad in (("channels_first", layer.data_format != "channels_last"),
                                           ("dilation", any(d != 1 for d in layer.dilation_rate)),
@@ -80,12 +114,11 @@ def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTap
     if unsupported:
         raise NotImplementedError(f"layer '{layer.name}': fast clipping does not support {', '.join(unsupported)}; "
                                   "use training.clipping: vectorized")
-    base, outputs = _pre_activation(layer, inputs)
-    tape.watch(base)
+    base, outputs = _pre_activation(layer, inputs, tape)
     kernel_shape, strides = tuple(layer.kernel.shape), tuple(layer.strides)
 
     def compute(base_grads):
-        if conv_cost_prefers_ghost(base_grads, kernel_shape):
+        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, kernel_shape)):
             squared = conv_ghost_squared_norms(inputs, base_grads, tuple(layer.kernel_size), strides, layer.padding)
             if layer.use_bias:
                 squared += squared_norms_of(summed_over_positions(base_grads))
@@ -99,8 +132,10 @@ def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTap
 
 
 def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: tf.GradientTape,
-                               num_microbatches=None):
+                               num_microbatches=None, *, method: NormMethod = "cost"):
     """ACSConv: each plane's output channels come from its own 3D kernel, so the squared norms add up."""
+    from dpmedtf.models.acs import acs_split  # see _rules
+
     inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
     base = layer(inputs)
     tape.watch(base)
@@ -110,7 +145,7 @@ def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: t
 
     def compute(base_grads):
         parts = tf.split(base_grads, splits, axis=-1)
-        if conv_cost_prefers_ghost(base_grads, (k, k, in_channels, max(splits))):
+        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, (k, k, in_channels, max(splits)))):
             squared = tf.add_n([conv_ghost_squared_norms(inputs, part, size, (s, s, s), layer.padding)
                                 for part, size in zip(parts, plane_sizes)])
             if layer.use_bias:
@@ -125,6 +160,31 @@ def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: t
         return _instantiated(per_example)
 
     return base, base, LayerGradients(compute)
+
+
+def dense_layer_computation(layer: tf.keras.layers.Dense, input_args, input_kwargs, tape: tf.GradientTape,
+                            num_microbatches=None, *, method: NormMethod = "cost"):
+    """Dense on (B, d) — kernel gradient x gᵀ, ‖x gᵀ‖² = ‖x‖²‖g‖², a product nothing cancels in — or on
+    (B, …, d), where the kernel gradient Σₜ xₜ gₜᵀ is normed as a convolution of kernel size 1."""
+    inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
+    base, outputs = _pre_activation(layer, inputs, tape)
+
+    def compute(base_grads):
+        bias_grads = summed_over_positions(base_grads) if inputs.shape.rank > 2 else base_grads
+        if inputs.shape.rank == 2:
+            squared = squared_norms_of(inputs) * squared_norms_of(base_grads)
+        else:
+            positions, patch = flatten_positions(inputs), flatten_positions(base_grads)
+            features, units = int(positions.shape[-1]), int(patch.shape[-1])
+            if not _use_ghost(method, lambda: ghost_is_cheaper(int(positions.shape[1]), features, units)):
+                kernel = tf.einsum("btd,btp->bdp", positions, patch)
+                return _instantiated([kernel, bias_grads] if layer.use_bias else [kernel])
+            squared = gram_squared_norms(positions, patch)
+        if layer.use_bias:
+            squared += squared_norms_of(bias_grads)
+        return squared, None
+
+    return base, outputs, LayerGradients(compute)
 
 
 def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, input_args, input_kwargs,
@@ -157,11 +217,41 @@ def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, inpu
     return outputs, outputs, LayerGradients(compute)
 
 
-def make_layer_registry() -> tfp_registry.LayerRegistry:
-    """tensorflow-privacy's default registry (Dense, Embedding) plus every layer of dpmedtf's models."""
-    registry = tfp_registry.make_default_layer_registry()
-    registry.insert(tf.keras.layers.Conv2D, conv_layer_computation)
-    registry.insert(tf.keras.layers.Conv3D, conv_layer_computation)
-    registry.insert(ACSConv, acs_conv_layer_computation)
-    registry.insert(tf.keras.layers.GroupNormalization, group_norm_layer_computation)
+def _rules(method: NormMethod) -> dict[type, Callable]:
+    # dpmedtf.models is imported on use, not with this module: models.validate asks this table, and
+    # importing the models package imports models.validate, so a module-level import would be circular.
+    from dpmedtf.models.acs import ACSConv
+
+    if method not in NORM_METHODS:
+        raise ValueError(f"norm method must be one of {NORM_METHODS}, got {method!r}")
+    conv = partial(conv_layer_computation, method=method)
+    return {tf.keras.layers.Dense: partial(dense_layer_computation, method=method),
+            tf.keras.layers.Conv1D: conv, tf.keras.layers.Conv2D: conv, tf.keras.layers.Conv3D: conv,
+            ACSConv: partial(acs_conv_layer_computation, method=method),
+            tf.keras.layers.GroupNormalization: group_norm_layer_computation}
+
+
+def supported_layer_types() -> tuple[type, ...]:
+    """The layer classes with trainable weights that the fast engine clips per example (exact classes)."""
+    return tuple(_rules("cost"))
+
+
+def is_supported(layer: tf.keras.layers.Layer) -> bool:
+    """Whether the fast engine has a per-example norm rule for ``layer``'s class (not its parents')."""
+    return type(layer) in supported_layer_types()
+
+
+def make_layer_registry(norm_method: NormMethod = "cost") -> LayerRegistry:
+    """A tensorflow-privacy registry of every layer dpmedtf's fast engine clips.
+
+    ``norm_method`` "cost" picks ghost or instantiated norms per layer by flops; "ghost" and
+    "instantiate" force one (tests compare both paths with a per-example loop).
+    """
+    # Imported here: which layers are supported is asked without tensorflow-privacy (models.validate).
+    from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import LayerRegistry
+
+    registry = LayerRegistry()
+    for layer_class, rule in _rules(norm_method).items():
+        registry.insert(layer_class, rule)
     return registry
+
