@@ -50,6 +50,7 @@ def main() -> None:
 
     from dpmedtf.models import build_resnet9
     from dpmedtf.training.distribution import local_replicas
+    from dpmedtf.privacy.randomness import RunSecret
     from dpmedtf.training.trainer import TrainingPlan, _StepModel, make_optimizer
 
     dp = args.engine != "nondp"
@@ -60,20 +61,22 @@ def main() -> None:
     with strategy.scope():
         network = build_resnet9((args.image_size, args.image_size, 3), 8, activation=args.activation)
         optimizer = make_optimizer(plan, 5e-4 if dp else 5e-5, network)
-        model = _StepModel(network, plan, optimizer, np.ones(8, np.float32), np.ones(8, np.float32), noise_seed=0,
+        model = _StepModel(network, plan, optimizer, np.ones(8, np.float32), np.ones(8, np.float32), RunSecret.fresh(),
                            max_physical_batch=args.batch_size)
     rng = np.random.default_rng(0)
     replicas = strategy.num_replicas_in_sync
     # Each step's batch cut into one equal shard per replica, with the step number the trainer checks.
     images = rng.random((replicas, args.batch_size // replicas, args.image_size, args.image_size, 3), dtype=np.float32)
     labels = rng.integers(0, 2, (replicas, args.batch_size // replicas, 8)).astype(np.float32)
+    # The noise seeds the input pipeline hands each replica (the same every step: the cost is what is timed).
+    noise_seeds = np.stack([RunSecret.fresh().noise_seeds(0, len(network.trainable_variables))] * replicas)
 
     def shards_for_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = local_replicas(context)
         return tf.data.Dataset.range(args.warmup + args.steps).flat_map(
             lambda step: tf.data.Dataset.from_tensor_slices({
                 "images": images[local.start:local.stop], "labels": labels[local.start:local.stop],
-                "step": tf.fill([len(local)], step)})).prefetch(2)
+                "step": tf.fill([len(local)], step), "noise_seeds": noise_seeds[local.start:local.stop]})).prefetch(2)
 
     inputs = iter(strategy.distribute_datasets_from_function(shards_for_worker))
 

@@ -62,11 +62,12 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = option(None, "σ given directly instead of a target ε", gt=0.0)
     delta: float = option(6e-6, "δ; must be < 1/N (paper: 6e-6 for 153,502 images)", gt=0.0, lt=1.0)
     clip_norm: float = option(1.5, "per-example gradient clip norm C (paper: 1.5 CXR, 1.0 PDAC)", gt=0.0)
-    accountant: Literal["rdp", "pld"] = option("rdp", "privacy accountant")
+    accountant: Literal["pld", "rdp"] = option("pld", "privacy accountant that calibrates σ and certifies ε: pld (tight; default) or rdp (looser; also reported in the certificate as a cross-check)")
     unit: Literal["image", "patient"] = option("image", "unit of privacy: one image (paper) or one patient")
     max_images_per_patient: int = option(1, "patient unit: images a sampled patient contributes per step (each clipped to C/k)", ge=1)
     epsilon_budget: Optional[float] = option(None, "ε the run may never exceed (default: target_epsilon)", gt=0.0)
-    noise_seed: Optional[int] = option(None, "seed of the DP noise; leave unset (OS entropy) for real releases", ge=0)
+    noise_seed: Optional[int] = option(None, "fixes every random draw of the mechanism (Poisson sampling and noise) for reproducible EXPERIMENTS: such a run has no DP guarantee, its certificate says so and the default release policy refuses it; leave unset for a secret from OS entropy", ge=0)
+    secure_rng: bool = option(False, "draw the noise values themselves from a cryptographically secure generator, each a sum of four Gaussians (defence against floating-point attacks, as Opacus' secure_mode); costs host CPU per step, see README")
     epsilon_sweep: Optional[tuple[float, ...]] = option(None, "train one model per ε (e.g. the paper's 0.29 … 7.89) with otherwise shared settings", gt=0.0)
     sweep_non_private: bool = option(False, "with epsilon_sweep: also train the non-private baseline")
     allow_large_delta: bool = option(False, "accept δ ≥ 1/N (permits leaking a whole record; recorded in the certificate)")
@@ -82,9 +83,10 @@ class TrainingConfig:
     optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
     clipping: Literal["fast", "vectorized"] = option("fast", "DP per-example clipping engine: fast (layer-wise ghost/instantiated norms, book-keeping; no Jacobians) or vectorized (tensorflow-privacy's tape.jacobian optimizer); both give the same clipped sum")
     augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip; default on without DP, off with DP (paper)")
-    class_weights: Literal["inverse_frequency", "public_prior", "none"] = option("inverse_frequency", "BCE weighting: inverse class frequency of the training labels (a non-DP use of private data, stated in the certificate), of a public prior (class_prior), or none")
+    class_weights: Optional[Literal["dp_counts", "inverse_frequency", "public_prior", "none"]] = option(None, "BCE weighting: dp_counts (inverse class frequency from positive counts released by a Gaussian mechanism, composed into ε; the default with DP), inverse_frequency (exact counts of the training labels: a non-DP use of private data that the default release policy refuses; the default without DP), public_prior (class_prior), or none")
+    class_count_noise_std: float = option(10.0, "with class_weights: dp_counts, the standard deviation of the Gaussian noise on each label's positive count (sensitivity √labels per record)", gt=0.0)
     class_prior: Optional[tuple[float, ...]] = option(None, "with class_weights: public_prior, each label's prevalence from public data", gt=0.0, lt=1.0)
-    seed: int = option(0, "seed of initialisation and sampling", ge=0)
+    seed: int = option(0, "seed of weight initialisation, augmentation and non-private shuffling (never of DP sampling or noise: those come from the run's secret)", ge=0)
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: at each epoch end only)", ge=0)
     strategy: Literal["none", "mirrored", "multi_worker"] = option("none", "tf.distribute strategy: none (one device), mirrored (MirroredStrategy over training.devices) or multi_worker (MultiWorkerMirroredStrategy over the TF_CONFIG cluster); DP noise is added once per step globally")
     devices: Optional[tuple[str, ...]] = option(None, "with strategy: mirrored, the devices to replicate on, e.g. ['/gpu:0', '/gpu:1'] (default: every GPU, else the CPU)")
@@ -261,6 +263,9 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
         raise ctx.fail("data.split_fractions", f"must sum to 1, got {job.data.split_fractions}")
     if job.data.hu_window[0] >= job.data.hu_window[1]:
         raise ctx.fail("data.hu_window", f"low must be below high, got {job.data.hu_window}")
+    if job.training.class_weights == "dp_counts" and not dp:
+        raise ctx.fail("training.class_weights", "dp_counts releases counts with DP noise for a DP run; a non-private "
+                                                 "run uses inverse_frequency (exact counts)")
     if (job.training.class_weights == "public_prior") != (job.training.class_prior is not None):
         raise ctx.fail("training.class_prior", "give class_prior (one prevalence per label) exactly when "
                                                "class_weights is public_prior")
@@ -275,6 +280,7 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
         training=dataclasses.replace(
             job.training,
             learning_rate=job.training.learning_rate or (5e-4 if dp else 5e-5),
+            class_weights=job.training.class_weights or ("dp_counts" if dp else "inverse_frequency"),
             augment=(not dp) if job.training.augment is None else job.training.augment))
 
 

@@ -75,5 +75,5 @@ def test_config_show_validates_and_resolves(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"dpmedtf: error: {tmp_path / 'bad.yaml'}: privacy.sigma: unknown key; allowed: "
                                      "enabled, target_epsilon, noise_multiplier, delta, clip_norm, accountant, unit, "
-                                     "max_images_per_patient, epsilon_budget, noise_seed, epsilon_sweep, "
+                                     "max_images_per_patient, epsilon_budget, noise_seed, secure_rng, epsilon_sweep, "
                                      "sweep_non_private, allow_large_delta")

@@ -49,7 +49,7 @@ def test_explicit_choices_are_kept(tmp_path):
     ("privacy: {target_epsilon: -1}\n", "privacy.target_epsilon: must be > 0, got -1.0"),
     ("privacy: {target_epsilon: eight}\n", "privacy.target_epsilon: must be a number, got 'eight'"),
     ("privacy: {target_epsilon: 8, delta: 1.5}\n", "privacy.delta: must be < 1, got 1.5"),
-    ("privacy: {target_epsilon: 8, accountant: moments}\n", "privacy.accountant: must be one of 'rdp', 'pld', got 'moments'"),
+    ("privacy: {target_epsilon: 8, accountant: moments}\n", "privacy.accountant: must be one of 'pld', 'rdp', got 'moments'"),
     ("privacy: {target_epsilon: 8}\ndata: {volume_shape: [224, 224]}\n", "data.volume_shape: must be a list of 3 values"),
     ("privacy: {target_epsilon: 8}\ndata: {volume_shape: [224, 4, 128]}\n", "data.volume_shape[1]: must be ≥ 8, got 4"),
     ("privacy: {target_epsilon: 8}\ndata: {split_fractions: [0.5, 0.2, 0.2]}\n", "data.split_fractions: must sum to 1"),

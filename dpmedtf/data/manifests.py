@@ -36,6 +36,8 @@ class Cohort:
     source: Path
     synthetic: bool = False
     """True when the manifest marks every row synthetic (the demo cohort): reports must say so."""
+    split_stratified_on_labels: bool = False
+    """True when dpmedtf made the split (stratified on the labels), False when the manifest gave it."""
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name]
@@ -114,7 +116,8 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
     frame["age_group"] = (frame["age"].map(L.radiograph_age_group) if modality == "radiograph"
                           else age_quartile_groups(frame["age"]))
     synthetic = "synthetic" in raw.columns and raw["synthetic"].str.strip().str.lower().eq("true").all()
-    return Cohort(frame.reset_index(drop=True), modality, tuple(label_names), path, bool(synthetic))
+    return Cohort(frame.reset_index(drop=True), modality, tuple(label_names), path, bool(synthetic),
+                  split_stratified_on_labels="split" not in raw.columns)
 
 
 def detect_modality(path: str | Path) -> Modality:

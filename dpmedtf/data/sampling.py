@@ -2,22 +2,24 @@
 
 DP-SGD's privacy amplification holds for Poisson sampling: at every step every example joins the
 batch independently with probability q, so batch sizes vary (and may be 0 — such a step still adds
-noise and must still happen). ``PoissonSampler`` draws exactly that: K ~ Binomial(N, q), then a
-uniformly random K-subset, which is the same distribution as N independent coin flips but costs
-O(K). Its ``sampling_rate`` and ``steps`` are the numbers the accountant must be given.
+noise and must still happen). ``PoissonSampler`` draws exactly that: one coin per example, compared
+against q. Its ``sampling_rate`` and ``steps`` are the numbers the accountant must be given.
 
-Each step's draw depends only on (seed, step), so a resumed run sees exactly the batches an
-uninterrupted run would have: the sampler's whole state is the next step number.
+The amplification also assumes the adversary cannot tell which records a step drew, so the coins come
+from a ``StepRandomness`` the caller holds secret (training passes the run's secret, a cryptographically
+secure generator; see ``privacy.randomness``). This module only asks it for uniforms per (purpose, step):
+data knows nothing of privacy. Each step's draw depends only on (secret, step), so a resumed run sees
+exactly the batches an uninterrupted run would have: the sampler's whole state is the next step number.
 
-Under a distribution strategy every worker runs the same sampler (same seed), so all agree on each
-step's batch without talking; the batch is cut into one contiguous shard per replica (``shards``).
+Under a distribution strategy every worker runs the same sampler (the chief's secret), so all agree on
+each step's batch without talking; the batch is cut into one contiguous shard per replica (``shards``).
 A shard larger than memory allows is computed in physical chunks inside the trainer's step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -40,14 +42,20 @@ def split_among_replicas(indices: np.ndarray, num_replicas: int) -> list[np.ndar
     return np.array_split(indices, num_replicas)
 
 
-def poisson_subset(rng: np.random.Generator, population: int, rate: float) -> np.ndarray:
-    """Each of ``population`` items independently with probability ``rate``: K ~ Binomial, then a
-    uniformly random K-subset (the same distribution, in O(K))."""
-    return rng.choice(population, size=rng.binomial(population, rate), replace=False)
+class StepRandomness(Protocol):
+    """Independent uniforms on [0, 1) per (purpose, step), reproducible for the holder of the key."""
+
+    def uniforms(self, purpose: str, step: int, count: int) -> np.ndarray: ...
+
+
+def poisson_subset(coins: np.ndarray, rate: float) -> np.ndarray:
+    """Sorted indices of the items whose uniform coin falls below ``rate``: each item independently
+    with probability ``rate`` — Poisson sampling by its definition."""
+    return np.flatnonzero(coins < rate)
 
 
 class _StepSampler:
-    """A sampler's whole state is the next step: ``indices(step)`` depends only on (seed, step)."""
+    """A sampler's whole state is the next step: ``indices(step)`` depends only on (key or seed, step)."""
 
     steps: int
 
@@ -72,7 +80,8 @@ class PoissonSampler(_StepSampler):
     batch_size: int
     """Expected logical batch size B; q = B / N exactly as the accountant computes it."""
     steps: int
-    seed: int = 0
+    randomness: StepRandomness
+    """The secret source of the coins (the run's secret in training)."""
 
     def __post_init__(self):
         if not 1 <= self.batch_size <= self.dataset_size:
@@ -86,7 +95,7 @@ class PoissonSampler(_StepSampler):
 
     def indices(self, step: int) -> np.ndarray:
         """The sorted example indices of ``step``'s logical batch."""
-        return np.sort(poisson_subset(np.random.default_rng([self.seed, step]), self.dataset_size, self.sampling_rate))
+        return poisson_subset(self.randomness.uniforms("poisson-sampling", step, self.dataset_size), self.sampling_rate)
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,8 @@ class PatientPoissonSampler(_StepSampler):
     batch_size: int
     """Expected patients per step."""
     steps: int
-    seed: int = 0
+    randomness: StepRandomness
+    """The secret source of the coins and of the choice of images (the run's secret in training)."""
     max_images_per_patient: int = 1
 
     def __post_init__(self):
@@ -143,8 +153,10 @@ class PatientPoissonSampler(_StepSampler):
         return self.batch_size / self.dataset_size
 
     def indices(self, step: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step])
-        patients = np.sort(poisson_subset(rng, self.dataset_size, self.sampling_rate))
-        chosen = [rng.choice(self._images_of[p], size=min(self.max_images_per_patient, len(self._images_of[p])),
-                             replace=False) for p in patients]
+        patients = poisson_subset(self.randomness.uniforms("patient-sampling", step, self.dataset_size),
+                                  self.sampling_rate)
+        # A uniformly random k-subset of each sampled patient's images: the k with the smallest secret keys.
+        keys = self.randomness.uniforms("image-choice", step, len(self.patient_of_example))
+        chosen = [images[np.argsort(keys[images], kind="stable")[:self.max_images_per_patient]]
+                  for images in (self._images_of[p] for p in patients)]
         return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)

@@ -5,8 +5,12 @@ identical steps are stored as one segment (a 180k-step run is a handful of lines
 is still a record of every step: the ledger's DpEvent is the composition of its segments, and ε is
 always recomputed from that event, never carried forward. The certificate is built from this file.
 
+Other DP releases of the same training data (the noisy class counts that weight the loss) are
+recorded as ``releases`` with their own DpEvent, and the ledger's event composes them with DP-SGD, so
+the ε it reports covers everything the model was built from.
+
 The ledger also states what the guarantee is about (unit of privacy, neighbouring relation, N, δ)
-and every use of private data outside DP-SGD (class weights from training labels, thresholds chosen
+and every use of private data outside DP (class weights from exact training labels, thresholds chosen
 on validation data, hyperparameters), so the certificate can state them.
 """
 
@@ -23,7 +27,8 @@ import dp_accounting
 from dpmedtf.files import write_json_atomic
 from dpmedtf.privacy import accounting
 
-LEDGER_FORMAT = 1
+LEDGER_FORMAT = 2
+_READABLE_FORMATS = (1, 2)  # format 1 had no ``releases``
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,19 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Release:
+    """A DP release of the training data other than DP-SGD, e.g. noisy class counts (Gaussian mechanism)."""
+
+    what: str
+    how: str
+    dp_event: dict
+    """The release's DpEvent as JSON (``accounting.dp_event_to_json``)."""
+
+    def event(self) -> dp_accounting.DpEvent:
+        return accounting.dp_event_from_json(self.dp_event)
+
+
+@dataclass(frozen=True)
 class Ledger:
     dataset_size: int
     """N: records the sampler draws from (images, or patients for patient-level privacy)."""
@@ -52,6 +70,8 @@ class Ledger:
     epsilon_budget: float | None = None
     """The run stops (or refuses to start) rather than spend more than this."""
     segments: tuple[Segment, ...] = ()
+    releases: tuple[Release, ...] = ()
+    """DP releases of the training data besides DP-SGD, composed with it in ``dp_event``."""
     non_dp_uses: tuple[dict, ...] = ()
     """Uses of the private data outside DP-SGD, each {'what', 'how', 'private_data_used'}."""
     notes: dict[str, Any] = field(default_factory=dict)
@@ -71,12 +91,22 @@ class Ledger:
             return replace(self, segments=(*self.segments[:-1], replace(last, steps=last.steps + steps)))
         return replace(self, segments=(*self.segments, segment))
 
-    def dp_event(self) -> dp_accounting.DpEvent:
+    def dp_sgd_event(self) -> dp_accounting.DpEvent:
+        """DP-SGD's steps alone."""
         if not self.segments:
             return dp_accounting.NoOpDpEvent()
         if len(self.segments) == 1:
             return self.segments[0].dp_event()
         return dp_accounting.ComposedDpEvent([s.dp_event() for s in self.segments])
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """Everything released from the training data: the other releases, then DP-SGD."""
+        if not self.releases:
+            return self.dp_sgd_event()
+        return dp_accounting.ComposedDpEvent([*(r.event() for r in self.releases), self.dp_sgd_event()])
+
+    def with_release(self, release: Release) -> "Ledger":
+        return replace(self, releases=(*(r for r in self.releases if r.what != release.what), release))
 
     def epsilon(self, extra_steps: int = 0, sampling_rate: float | None = None,
                 noise_multiplier: float | None = None) -> float:
@@ -87,7 +117,7 @@ class Ledger:
             ledger = self.record(extra_steps, sampling_rate if sampling_rate is not None else last.sampling_rate,
                                  noise_multiplier if noise_multiplier is not None else last.noise_multiplier,
                                  last.clip_norm if last else 0.0)
-        if not ledger.segments:
+        if not ledger.segments and not ledger.releases:
             return 0.0
         return accounting.epsilon_of_event(ledger.dp_event(), self.delta, self.accountant)[0]
 
@@ -112,6 +142,7 @@ class Ledger:
     def to_json_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["segments"] = [asdict(s) for s in self.segments]
+        data["releases"] = [asdict(r) for r in self.releases]
         data["non_dp_uses"] = list(self.non_dp_uses)
         data.update({"format": LEDGER_FORMAT, "steps": self.steps, "epsilon": self.epsilon(),
                      "sampling": accounting.SAMPLING, "neighboring_relation": accounting.NEIGHBORING_RELATION,
@@ -120,12 +151,13 @@ class Ledger:
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "Ledger":
-        if data.get("format") != LEDGER_FORMAT:
+        if data.get("format") not in _READABLE_FORMATS:
             raise ValueError(f"unsupported ledger format {data.get('format')!r}")
         return cls(dataset_size=data["dataset_size"], batch_size=data["batch_size"], delta=data["delta"],
                    accountant=data["accountant"], unit_of_privacy=data["unit_of_privacy"],
                    epsilon_budget=data.get("epsilon_budget"),
                    segments=tuple(Segment(**s) for s in data["segments"]),
+                   releases=tuple(Release(**r) for r in data.get("releases", ())),
                    non_dp_uses=tuple(data.get("non_dp_uses", ())), notes=dict(data.get("notes", {})))
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -11,8 +11,10 @@ legacy Nadam. It is used for what it does exactly right: each example's gradient
    guarantee; we divide by the expected batch size B.
 
 So the optimizer is constructed with noise 0 for clipping, and ``noised_mean`` adds the step's noise,
-then scales by 1/B. The noise is stateless Philox keyed by (secret noise key, step): the same step
-draws the same noise on every replica and after a resume, and the key is the only state to keep.
+then scales by 1/B. The noise is stateless Philox, one stream per variable, each seeded with 128 bits
+derived from the run's secret for that (step, variable) (``privacy.randomness``): the same step draws
+the same noise after a resume, and the secret is the only state to keep. With ``privacy.secure_rng``
+the noise values themselves come from the CSPRNG and are passed in (``noised_mean(noise=...)``).
 """
 
 from __future__ import annotations
@@ -36,13 +38,18 @@ def clipped_gradient_sum(optimizer, per_example_loss: tf.Tensor, variables, tape
     return [gradient * n for gradient, _ in optimizer._compute_gradients(per_example_loss, variables, tape=tape)]
 
 
-def noised_mean(clipped_sums, noise_stddev: float, expected_batch_size: float, seed: tf.Tensor) -> list[tf.Tensor]:
+def noised_mean(clipped_sums, noise_stddev: float, expected_batch_size: float, seeds: tf.Tensor | None = None,
+                noise=None) -> list[tf.Tensor]:
     """(Σ clipped + N(0, noise_stddev²)) / B for each variable: one DP-SGD step's gradient.
 
-    ``seed`` (two int64: secret key, step) determines the noise; each variable draws from its own
-    stream, folded in from the seed by the variable's position.
+    ``seeds`` (variables × 2 int64, from ``RunSecret.noise_seeds``) gives variable i its own 128-bit
+    Philox seed, which TensorFlow mixes whole into the stream's key and counter. Alternatively ``noise``
+    gives the noise values (one tensor per variable, already of standard deviation ``noise_stddev``).
+    ``noise_stddev`` must be a float32 value ≥ σ·C (``randomness.noise_stddev_float32``): it is used as is.
     """
-    seed = tf.cast(seed, tf.int64)
-    return [(total + tf.random.stateless_normal(tf.shape(total), tf.random.experimental.stateless_fold_in(seed, i),
-                                                stddev=noise_stddev)) / expected_batch_size
-            for i, total in enumerate(clipped_sums)]
+    if noise is not None:
+        return [(total + tf.reshape(tf.cast(n, total.dtype), tf.shape(total))) / expected_batch_size
+                for total, n in zip(clipped_sums, noise)]
+    seeds = tf.cast(seeds, tf.int64)
+    return [(total + tf.random.stateless_normal(tf.shape(total), seeds[i], stddev=noise_stddev, dtype=total.dtype))
+            / expected_batch_size for i, total in enumerate(clipped_sums)]

@@ -18,9 +18,10 @@ from typing import Any, Mapping
 
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.privacy import accounting
+from dpmedtf.privacy.group import group_epsilon
 from dpmedtf.privacy.ledger import Ledger
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 EPSILON_RELATIVE_TOLERANCE = 1e-6
 SOFTWARE = ("dpmedtf", "tensorflow", "tensorflow-privacy", "dp-accounting", "tf2onnx", "onnx", "onnxruntime",
             "fairlearn", "numpy")
@@ -61,6 +62,7 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
     ((sampling_rate, noise_multiplier, clip_norm),) = parameters
     event = ledger.dp_event()
     epsilon, details = accounting.epsilon_of_event(event, ledger.delta, ledger.accountant)
+    other = "rdp" if ledger.accountant == "pld" else "pld"
     notes = dict(ledger.notes)
     one_over_n = 1.0 / ledger.dataset_size
     unit = ledger.unit_of_privacy
@@ -82,6 +84,17 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
         "dataset_size": ledger.dataset_size,
         "epsilon_budget": ledger.epsilon_budget,
         "dp_event": accounting.dp_event_to_json(event),
+        "epsilon_cross_check": {"accountant": other,
+                                "epsilon": accounting.epsilon_of_event(event, ledger.delta, other)[0]},
+        "mechanisms": _mechanisms(ledger),
+        "patient_level": _patient_level(ledger, event, epsilon),
+        "randomness": {"secret": notes.get("randomness") == "secret", "source": notes.get("randomness_source"),
+                       "sampling": notes.get("sampling_rng"), "noise": notes.get("noise_rng")},
+        "scope": {
+            "all_intermediate_models": "ε covers the whole sequence of models training produced (every checkpoint), "
+                                       "not only the released one",
+            "dataset_size": f"N = {ledger.dataset_size:,} is treated as public (the sampling rate q = B/N is published)",
+        },
         "delta_vs_dataset_size": {"one_over_n": one_over_n, "delta_below_one_over_n": ledger.delta < one_over_n,
                                   "large_delta_explicitly_allowed": bool(notes.get("allow_large_delta"))},
         "images_per_patient": {"max_in_training_set": notes.get("images_per_patient_max"),
@@ -99,29 +112,78 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
     return certificate
 
 
+def _mechanisms(ledger: Ledger) -> list[dict[str, Any]]:
+    """Each DP release of the training data with its own event and ε alone (the headline ε composes them)."""
+    parts = [{"what": r.what, "how": r.how, "dp_event": r.dp_event,
+              "epsilon_alone": accounting.epsilon_of_event(r.event(), ledger.delta, ledger.accountant)[0]}
+             for r in ledger.releases]
+    sgd = ledger.dp_sgd_event()
+    parts.append({"what": "DP-SGD", "how": "Poisson-sampled, clipped, Gaussian-noised gradient steps",
+                  "dp_event": accounting.dp_event_to_json(sgd),
+                  "epsilon_alone": accounting.epsilon_of_event(sgd, ledger.delta, ledger.accountant)[0]})
+    return parts
+
+
+def _patient_level(ledger: Ledger, event, epsilon: float) -> dict[str, Any]:
+    """The guarantee for a whole patient: the certified one when the unit is the patient, else group
+    privacy over the most images one patient has in the training split."""
+    notes = ledger.notes
+    if ledger.unit_of_privacy == "patient":
+        k = notes.get("max_images_per_patient_per_step") or 1
+        return {"epsilon": epsilon, "delta": ledger.delta, "max_images_per_patient": notes.get("images_per_patient_max"),
+                "method": f"the unit of privacy is the patient: a sampled patient contributes at most {k} image(s) to a "
+                          f"step, each clipped to C/{k}, so the patient's whole contribution to a step is clipped to C"}
+    k = int(notes.get("images_per_patient_max") or 1)
+    # Group privacy needs the image-level ε at a tiny δ, where PLD's discretised tail gives up (∞) while RDP
+    # still bounds it; both are valid upper bounds, so the smaller is too.
+    bounds = [group_epsilon(event, ledger.delta, k, accountant) for accountant in ("pld", "rdp")]
+    group = min(bounds, key=lambda g: g.epsilon)
+    return {"epsilon": group.epsilon if math.isfinite(group.epsilon) else None,  # None: no finite bound exists
+            "delta": group.delta, "max_images_per_patient": k, "method": group.method,
+            "by_accountant": {g.accountant: g.epsilon if math.isfinite(g.epsilon) else None for g in bounds}}
+
+
 def plain_statement(certificate: Mapping[str, Any]) -> str:
     unit = certificate["unit_of_privacy"]
     who = "patient (all of that patient's images)" if unit == "patient" else "image"
     n = certificate["dataset_size"]
+    if not certificate["randomness"]["secret"]:
+        return ("NO DIFFERENTIAL PRIVACY GUARANTEE APPLIES: this was a reproducible experiment whose batch sampling "
+                "and noise were fixed by privacy.noise_seed, a value in the job file; anyone holding it can "
+                "reproduce every random draw of the mechanism. The ε figures below describe the mechanism's "
+                "parameters only. Do not release this model as private."
+                + (" The training data were SYNTHETIC (generated images, not patients)." if certificate["synthetic_data"] else ""))
+    private_uses = [u["what"] for u in certificate["non_dp_uses_of_private_data"] if u["private_data_used"]]
+    releases = [m["what"] for m in certificate["mechanisms"] if m["what"] != "DP-SGD"]
     text = (f"This model was trained with differentially private SGD (DP-SGD) on {n:,} "
-            f"{'patients' if unit == 'patient' else 'images'}. For any single {who}, whether or not it was in "
-            f"the training data changes the probability of any set of trained models by at most a factor of "
+            f"{'patients' if unit == 'patient' else 'images'}"
+            + (f" (and a DP release of its {', '.join(releases)}, included in ε)" if releases else "") + ". "
+            + ("Apart from the uses of private data listed at the end, for" if private_uses else "For")
+            + f" any single {who}, whether or not it was in the training data changes the probability of any "
+            f"set of trained models (every intermediate model included) by at most a factor of "
             f"e^ε = {math.exp(certificate['epsilon']):.4g} (ε = {certificate['epsilon']:.4g}), except with "
             f"probability δ = {certificate['delta']:g}. Each of the {certificate['steps']:,} steps drew a Poisson "
-            f"sample of the training set (rate {certificate['sampling_rate']:.4g}), clipped every example's "
-            f"gradient to norm {certificate['clip_norm']:g} and added Gaussian noise of standard deviation "
-            f"{certificate['noise_multiplier']:.5g} × {certificate['clip_norm']:g}; ε was computed by the "
-            f"{certificate['accountant'].upper()} accountant of dp_accounting.")
-    if unit == "image" and (certificate["images_per_patient"].get("max_in_training_set") or 1) > 1:
-        k = certificate["images_per_patient"]["max_in_training_set"]
-        text += (f" The unit of privacy is one image; a patient with up to {k} images is protected at a "
-                 f"correspondingly weaker level (group privacy over {k} images).")
+            f"sample of the training set (rate {certificate['sampling_rate']:.4g}) from a secret random key, "
+            f"clipped every example's gradient to norm {certificate['clip_norm']:g} and added Gaussian noise of "
+            f"standard deviation {certificate['noise_multiplier']:.5g} × {certificate['clip_norm']:g}; ε was "
+            f"computed by the {certificate['accountant'].upper()} accountant of dp_accounting "
+            f"({certificate['epsilon_cross_check']['accountant'].upper()} gives "
+            f"{certificate['epsilon_cross_check']['epsilon']:.4g}). The dataset size N is treated as public.")
+    patient = certificate["patient_level"]
+    if unit == "image" and (patient.get("max_images_per_patient") or 1) > 1:
+        level = (f"ε = {patient['epsilon']:.4g} at δ = {patient['delta']:g} (group privacy)"
+                 if patient["epsilon"] is not None else "not bounded by group privacy at this δ")
+        text += (f" The unit of privacy is one image; for a patient with up to {patient['max_images_per_patient']} "
+                 f"images the guarantee is {level}.")
+    elif unit == "patient":
+        text += (" Each sampled patient's whole contribution to a step was clipped to norm "
+                 f"{certificate['clip_norm']:g} (each of up to {certificate['images_per_patient']['max_per_step']} "
+                 f"images to {certificate['clip_norm']:g}/{certificate['images_per_patient']['max_per_step']}).")
     if not certificate["delta_vs_dataset_size"]["delta_below_one_over_n"]:
         text += (" WARNING: δ is not below 1/N, so the guarantee permits revealing a whole record; this was "
                  "accepted explicitly.")
-    private_uses = [u["what"] for u in certificate["non_dp_uses_of_private_data"] if u["private_data_used"]]
     if private_uses:
-        text += (" Not covered by ε, because they used private data outside DP-SGD: "
+        text += (" Not covered by ε, because they used private data outside DP: "
                  + "; ".join(private_uses) + ".")
     if certificate["synthetic_data"]:
         text += " The training data were SYNTHETIC (generated images, not patients)."
@@ -140,7 +202,7 @@ def check_consistency(certificate: Mapping[str, Any]) -> list[str]:
     if not math.isclose(epsilon, stated, rel_tol=EPSILON_RELATIVE_TOLERANCE):
         problems.append(f"epsilon {stated!r} does not match {epsilon!r} recomputed from dp_event "
                         f"({certificate['accountant']}, δ = {certificate['delta']!r})")
-    described = _uniform_dp_sgd(certificate["dp_event"])
+    described = _uniform_dp_sgd(_without_releases(certificate))
     if described is None:
         problems.append("dp_event is not a Poisson-sampled Gaussian DP-SGD composition")
     else:
@@ -156,6 +218,18 @@ def check_consistency(certificate: Mapping[str, Any]) -> list[str]:
     if certificate["delta_vs_dataset_size"]["delta_below_one_over_n"] != below:
         problems.append("delta_vs_dataset_size.delta_below_one_over_n contradicts delta and dataset_size")
     return problems
+
+
+def _without_releases(certificate: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The DP-SGD part of the certified event: the event minus the other releases the certificate lists."""
+    event = certificate["dp_event"]
+    releases = [m["dp_event"] for m in certificate.get("mechanisms", ()) if m["what"] != "DP-SGD"]
+    if not releases:
+        return event
+    if event.get("class_name") != "ComposedDpEvent" or event["events"][:len(releases)] != releases:
+        return {}
+    rest = event["events"][len(releases):]
+    return rest[0] if len(rest) == 1 else {"class_name": "ComposedDpEvent", "events": rest}
 
 
 def _uniform_dp_sgd(event: Mapping[str, Any]) -> tuple[float, float, int] | None:

@@ -24,8 +24,14 @@ DEFAULT_POLICY = "policy.yaml"
 @dataclass(frozen=True)
 class PrivacyRules:
     max_epsilon: float = 10.0
+    max_patient_epsilon: float | None = 10.0
+    """Limit on the certificate's patient-level ε (group privacy when the unit is the image); None: no limit."""
     require_delta_below_one_over_n: bool = True
     allowed_accountants: tuple[str, ...] = ("rdp", "pld")
+    require_secret_randomness: bool = True
+    """Refuse runs whose sampling and noise came from a published seed (privacy.noise_seed)."""
+    forbidden_non_dp_uses: tuple[str, ...] = ("class weights",)
+    """Uses of private training data outside DP that break the policy (exact class counts weight the loss)."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,23 @@ def check_policy(policy: ReleasePolicy, certificate: Mapping[str, Any], fairness
         violations.append(Violation("privacy.require_delta_below_one_over_n",
                                     f"δ = {certificate['delta']:g} ≥ 1/N = {1.0 / certificate['dataset_size']:.3g} "
                                     f"(N = {certificate['dataset_size']})"))
+    patient = certificate["patient_level"]
+    if rules.max_patient_epsilon is not None and (patient["epsilon"] is None or patient["epsilon"] > rules.max_patient_epsilon):
+        shown = "unbounded" if patient["epsilon"] is None else f"{patient['epsilon']:.4g}"
+        violations.append(Violation("privacy.max_patient_epsilon",
+                                    f"patient-level ε = {shown} (up to {patient['max_images_per_patient']} images per "
+                                    f"patient) exceeds the limit {rules.max_patient_epsilon:g}; train with "
+                                    "privacy.unit: patient, or with more noise"))
+    if rules.require_secret_randomness and not certificate["randomness"]["secret"]:
+        violations.append(Violation("privacy.require_secret_randomness",
+                                    "sampling and noise were fixed by privacy.noise_seed (a reproducible experiment): "
+                                    "anyone with the job file can reproduce them, so no DP guarantee applies; "
+                                    "train again without noise_seed"))
+    for use in certificate["non_dp_uses_of_private_data"]:
+        if use["private_data_used"] and use["what"] in rules.forbidden_non_dp_uses:
+            violations.append(Violation("privacy.forbidden_non_dp_uses",
+                                        f"{use['what']}: {use['how']} — not covered by ε; use training.class_weights: "
+                                        "dp_counts" if use["what"] == "class weights" else f"{use['what']}: {use['how']}"))
     if certificate["accountant"] not in rules.allowed_accountants:
         violations.append(Violation("privacy.allowed_accountants",
                                     f"accountant {certificate['accountant']!r} is not one of {list(rules.allowed_accountants)}"))

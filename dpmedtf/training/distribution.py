@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import tensorflow as tf
 
 from dpmedtf.config import TrainingConfig
 from dpmedtf.errors import DpmedtfError
+from dpmedtf.privacy.randomness import RunSecret
 
 _strategies: dict[tuple, tf.distribute.Strategy] = {}
 
@@ -112,3 +114,27 @@ def check_same_on_every_worker(strategy: tf.distribute.Strategy, values: dict[st
         if len(set(column)) > 1:
             raise DpmedtfError(f"the workers disagree on {what} (replicas: {', '.join(f'{v:.0f}' for v in column)}); "
                                "every worker must see the same run directory (shared storage) and the same config")
+
+
+def broadcast_from_chief(strategy: tf.distribute.Strategy, secret: RunSecret) -> RunSecret:
+    """The chief's run secret on every worker: workers must draw the same Poisson batches, and the secret
+    may come from nowhere but the chief (never from the job file, which every worker could read).
+
+    Replica 0 contributes the key cut into 16-bit pieces (exact in float64), every other replica zeros;
+    the summed table is the chief's key. Whether it is an experiment's seed-derived key travels with it
+    through the config, which every worker shares.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return secret
+    pieces = np.frombuffer(secret.key, dtype="<u2").astype(np.float64)
+
+    def own_part():
+        is_chief_replica = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        return tf.where(is_chief_replica, tf.constant(pieces), tf.zeros_like(pieces))
+
+    @tf.function
+    def summed():
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(own_part), axis=None)
+
+    key = summed().numpy().astype("<u2").tobytes()
+    return RunSecret(key, secret.experiment_seed)

@@ -39,7 +39,10 @@ def sweep_members(config: JobConfig) -> list[tuple[str, JobConfig]]:
                                       epsilon_sweep=None, epsilon_budget=None)
         # resolve() gives it the paper's non-private regime (ReLU, NAdam 5e-5, augmentation) except
         # where the job set those explicitly.
-        members.append(("non-private", resolve(dataclasses.replace(config, privacy=privacy))))
+        # DP class counts belong to the DP regime; the baseline takes its default (exact counts).
+        training = dataclasses.replace(config.training, class_weights=None) \
+            if config.training.class_weights == "dp_counts" else config.training
+        members.append(("non-private", resolve(dataclasses.replace(config, privacy=privacy, training=training))))
     return members
 
 

@@ -30,11 +30,14 @@ from dpmedtf.data.sampling import PatientPoissonSampler, PoissonSampler, Shuffle
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.models import build_resnet9, convert_to_acs, load_model, validate_for_dp
 from dpmedtf.privacy import accounting
-from dpmedtf.files import write_json_atomic
+from dpmedtf.privacy.class_counts import count_event, release_prevalences
+from dpmedtf.privacy.randomness import RunSecret, effective_noise_multiplier, noise_stddev_float32
+from dpmedtf.files import sha256_file, write_json_atomic
 from dpmedtf.privacy.clipping import check_supported, fast_clipped_gradient_sum
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
-from dpmedtf.training.distribution import check_same_on_every_worker, is_chief, local_replicas, strategy_for
+from dpmedtf.training.distribution import (broadcast_from_chief, check_same_on_every_worker, is_chief,
+                                           local_replicas, strategy_for)
 from dpmedtf.training.losses import inverse_frequency_weights, prior_weights, weighted_bce_per_example
 
 
@@ -67,6 +70,14 @@ class TrainingPlan:
     planned_epsilon: float | None
     clipping: str | None = None
     """Per-example clipping engine with DP: "fast" or "vectorized" (``privacy.clipping``/``privacy.optimizers``)."""
+    class_count_noise_std: float | None = None
+    """With DP class counts: the noise on each count; their event is composed before DP-SGD's."""
+    num_labels: int = 1
+
+    @property
+    def prior_event(self):
+        """DP releases of the training data made before DP-SGD (the class counts), or None."""
+        return count_event(self.class_count_noise_std, self.num_labels) if self.class_count_noise_std else None
 
     @property
     def sampling_rate(self) -> float:
@@ -77,6 +88,7 @@ def plan_training(config: JobConfig, prepared: PreparedData) -> TrainingPlan:
     """N, B, steps and (for DP) σ calibrated so that the target ε is reached exactly at the last step."""
     train = prepared.cohort.frame.loc[split_rows(prepared, "train")]
     privacy, training = config.privacy, config.training
+    num_labels = prepared.cohort.labels(train.iloc[:1]).shape[1]
     patient_unit = privacy.enabled and privacy.unit == "patient"
     dataset_size = train["patient_id"].nunique() if patient_unit else len(train)
     batch_size = training.batch_size
@@ -87,23 +99,28 @@ def plan_training(config: JobConfig, prepared: PreparedData) -> TrainingPlan:
     steps_per_epoch = dataset_size / batch_size
     if not privacy.enabled:
         return TrainingPlan(False, dataset_size, batch_size, steps, steps_per_epoch, None, None, None, 1,
-                            "none", None, None, None, None)
+                            "none", None, None, None, None, num_labels=num_labels)
     accounting.check_delta(privacy.delta, dataset_size, privacy.allow_large_delta)
+    count_noise = training.class_count_noise_std if training.class_weights == "dp_counts" else None
+    prior = count_event(count_noise, num_labels) if count_noise else None
     if privacy.target_epsilon is not None:
         calibration = accounting.calibrate_noise_multiplier(privacy.target_epsilon, privacy.delta, dataset_size,
                                                             batch_size, steps, privacy.accountant,
-                                                            allow_large_delta=privacy.allow_large_delta)
-        sigma, planned = calibration.accounting.schedule.noise_multiplier, calibration.accounting.epsilon
+                                                            allow_large_delta=privacy.allow_large_delta,
+                                                            prior_event=prior)
+        sigma = calibration.accounting.schedule.noise_multiplier
         budget = privacy.epsilon_budget if privacy.epsilon_budget is not None else privacy.target_epsilon
     else:
         sigma = privacy.noise_multiplier
-        planned = accounting.compute_epsilon(accounting.DpSgdSchedule(dataset_size, batch_size, steps, sigma),
-                                             privacy.delta, privacy.accountant, privacy.allow_large_delta).epsilon
         budget = privacy.epsilon_budget
+    # The graph adds float32 noise of σ·C rounded up; plan, ledger and certificate carry that σ.
+    sigma = effective_noise_multiplier(sigma, privacy.clip_norm)
+    planned = accounting.compute_epsilon(accounting.DpSgdSchedule(dataset_size, batch_size, steps, sigma),
+                                         privacy.delta, privacy.accountant, privacy.allow_large_delta, prior).epsilon
     k = privacy.max_images_per_patient if patient_unit else 1
     return TrainingPlan(True, dataset_size, batch_size, steps, steps_per_epoch, float(sigma), privacy.clip_norm,
                         privacy.clip_norm / k, k, privacy.unit, privacy.delta, privacy.accountant, budget, planned,
-                        training.clipping)
+                        training.clipping, count_noise, num_labels)
 
 
 CLIPPING_ENGINES = {
@@ -141,14 +158,15 @@ class _StepModel(tf.keras.Model):
     """
 
     def __init__(self, network: tf.keras.Model, plan: TrainingPlan, optimizer, positive_weight, negative_weight,
-                 noise_seed: int, max_physical_batch: int = 32):
+                 secret: RunSecret, max_physical_batch: int = 32):
         super().__init__()
         self.network, self.plan = network, plan
         self.max_physical_batch = int(max_physical_batch)
         self.positive_weight = tf.constant(positive_weight)
         self.negative_weight = tf.constant(negative_weight)
-        # The noise key: secret, the only noise state (noise is stateless Philox on (key, step)); kept in checkpoints.
-        self.noise_key = tf.Variable(noise_seed, dtype=tf.int64, trainable=False, name="noise_key")
+        # The run's secret: the only state of the mechanism's randomness, kept in checkpoints and nowhere
+        # else. The step never reads it: the input pipeline derives each step's noise seeds (or noise) from it.
+        self.run_secret = tf.Variable(secret.to_words(), dtype=tf.int64, trainable=False, name="run_secret")
         self.step_optimizer = optimizer
         # Slots now, not on the first traced step: mirrored variables created inside a tf.function fail.
         optimizer._create_all_weights(network.trainable_variables)
@@ -181,10 +199,10 @@ class _StepModel(tf.keras.Model):
         replica = tf.distribute.get_replica_context()
         if self.plan.dp:
             batch = float(self.plan.batch_size * self.plan.max_images_per_patient)
+            stddev = noise_stddev_float32(self.plan.noise_multiplier, self.plan.clip_norm)
             gradients = tf.cond(
                 tf.equal(replica.replica_id_in_sync_group, 0),
-                lambda: noised_mean(sums, self.plan.noise_multiplier * self.plan.clip_norm, batch,
-                                    tf.stack([self.noise_key, tf.cast(step, tf.int64)])),
+                lambda: noised_mean(sums, stddev, batch, data.get("noise_seeds"), data.get("noise")),
                 lambda: [total / batch for total in sums])
         else:  # the mean loss gradient over the step's examples on all replicas
             examples = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(count, tf.float32))
@@ -217,7 +235,7 @@ class _StepModel(tf.keras.Model):
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 def _checkpoint(model: _StepModel) -> tf.train.Checkpoint:
-    return tf.train.Checkpoint(network=model.network, optimizer=model.step_optimizer, noise_key=model.noise_key)
+    return tf.train.Checkpoint(network=model.network, optimizer=model.step_optimizer, run_secret=model.run_secret)
 
 
 def save_checkpoint(directory: Path, model: _StepModel, step: int, ledger: Ledger | None, keep: int = 2) -> Path:
@@ -315,6 +333,8 @@ class _Run:
     chief: bool
     write_dir: Path
     """Where this process writes: ``out_dir`` on the chief, a scratch directory on other workers."""
+    secret: RunSecret
+    """The source of the mechanism's randomness (sampling here, noise through ``noise_inputs``)."""
 
     @property
     def epochs(self) -> int:
@@ -345,10 +365,35 @@ class _Run:
 
         def dataset_for_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
             shards = list(self.sampler.shards(steps.start, steps.stop, local_replicas(context), context.num_replicas_in_sync))
-            return training_dataset(self.prepared, "train", shards, augment=bool(self.config.training.augment),
+            data = training_dataset(self.prepared, "train", shards, augment=bool(self.config.training.augment),
                                     seed=self.config.training.seed, volume_channels=volume_channels)
+            if not self.plan.dp:
+                return data
+            return tf.data.Dataset.zip((data, self.noise_inputs(shards))).map(lambda d, n: {**d, **n})
 
         return self.strategy.distribute_datasets_from_function(dataset_for_worker)
+
+    def noise_inputs(self, shards) -> tf.data.Dataset:
+        """Per shard, what replica 0 needs to add the step's noise: 128-bit Philox seeds per variable, or
+        with ``privacy.secure_rng`` the noise itself from the CSPRNG (made ahead of the step by tf.data).
+        Other replicas add no noise and get zeros of the same shape."""
+        variables = self.model.network.trainable_variables
+        if not self.config.privacy.secure_rng:
+            def seeds():
+                for shard in shards:
+                    yield {"noise_seeds": self.secret.noise_seeds(shard.step, len(variables)) if shard.replica == 0
+                           else np.zeros((len(variables), 2), np.int64)}
+            return tf.data.Dataset.from_generator(seeds, output_signature={
+                "noise_seeds": tf.TensorSpec([len(variables), 2], tf.int64)})
+        sizes = [int(np.prod(v.shape)) for v in variables]
+        stddev = noise_stddev_float32(self.plan.noise_multiplier, self.plan.clip_norm)
+
+        def noise():
+            for shard in shards:
+                yield {"noise": tuple(self.secret.secure_gaussian("noise", shard.step, sizes, stddev)
+                                      if shard.replica == 0 else [np.zeros(n, np.float32) for n in sizes])}
+        return tf.data.Dataset.from_generator(noise, output_signature={
+            "noise": tuple(tf.TensorSpec([n], tf.float32) for n in sizes)}).prefetch(2)
 
 
 @dataclass(frozen=True)
@@ -382,36 +427,27 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
         for stale in (model_path, out_dir / "ledger.json", out_dir / "training.json"):
             stale.unlink(missing_ok=True)
     plan = plan_training(config, prepared)
+    check_pretraining_is_public(config, prepared)
     train_rows = split_rows(prepared, "train")
     train_frame = prepared.cohort.frame.loc[train_rows]
     labels = prepared.cohort.labels(train_frame)
-    tf.keras.utils.set_random_seed(config.training.seed)
-
-    if config.training.class_weights == "inverse_frequency":
-        positive_weight, negative_weight = inverse_frequency_weights(labels)
-    elif config.training.class_weights == "public_prior":
-        if len(config.training.class_prior) != labels.shape[1]:
-            raise DpmedtfError(f"training.class_prior has {len(config.training.class_prior)} values for "
-                               f"{labels.shape[1]} labels")
-        positive_weight, negative_weight = prior_weights(config.training.class_prior)
-    else:
-        positive_weight = negative_weight = np.ones(labels.shape[1], np.float32)
-    # Noise must be unpredictable to anyone without the (private) checkpoint: seed from OS entropy
-    # unless a seed is given for reproducible experiments; the seed lives only in the checkpoint.
-    # Under a strategy only replica 0 (on the chief) draws noise, so only the chief's key is ever used.
-    noise_seed = config.privacy.noise_seed if config.privacy.noise_seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    tf.keras.utils.set_random_seed(config.training.seed)  # initialisation and augmentation, never the mechanism
+    checkpoint = None if force else latest_checkpoint(out_dir / "checkpoints")
+    if checkpoint is not None:
+        _checkpoint_ledger(checkpoint, plan)  # other settings: say so before reading the checkpoint's secret
+    secret = broadcast_from_chief(strategy, _run_secret(config, checkpoint))
+    positive_weight, negative_weight, count_release = _class_weights(config, plan, labels, train_frame, secret)
     with strategy.scope():  # variables are mirrored on every replica
         network = _build_network(config, prepared, labels.shape[1])
         if plan.dp:
-            validate_for_dp(network)
+            validate_for_dp(network, engine=plan.clipping)
         optimizer = make_optimizer(plan, config.training.learning_rate, network)
-        model = _StepModel(network, plan, optimizer, positive_weight, negative_weight, noise_seed,
+        model = _StepModel(network, plan, optimizer, positive_weight, negative_weight, secret,
                            config.training.max_physical_batch)
         model.compile(run_eagerly=False)
 
-    ledger = _initial_ledger(config, plan, prepared) if plan.dp else None
+    ledger = _initial_ledger(config, plan, prepared, secret, count_release) if plan.dp else None
     start_step = 0
-    checkpoint = None if force else latest_checkpoint(out_dir / "checkpoints")
     if checkpoint is not None:
         start_step, ledger = _resume(checkpoint, model, plan, ledger, out_dir)
     check_same_on_every_worker(strategy, {"the number of training records": plan.dataset_size,
@@ -428,9 +464,10 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
             print(f"note: {message}; training stops at step {start_step + fits}", file=sys.stderr)
             stop_step = start_step + fits
 
-    sampler = _make_sampler(config, plan, train_frame)
+    sampler = _make_sampler(config, plan, train_frame, secret)
     write_dir = out_dir if chief else Path(tempfile.mkdtemp(prefix="dpmedtf-worker-"))
-    run = _Run(config, plan, prepared, out_dir, model, ledger, start_step, stop_step, sampler, strategy, chief, write_dir)
+    run = _Run(config, plan, prepared, out_dir, model, ledger, start_step, stop_step, sampler, strategy, chief, write_dir,
+               secret)
     try:
         return _fit(run, model_path)
     finally:
@@ -465,9 +502,13 @@ def _fit(run: "_Run", model_path: Path) -> TrainingResult:
                            "delivered fewer steps than planned")
     final_ledger = run.ledger_after(steps_done)
     model.network.save(run.write_dir / "model.keras")  # every worker saves; only the chief's is kept
+    if run.chief and final_ledger is not None:
+        final_ledger.save(run.out_dir / "ledger.json")
+    # Training is over: the secret has nothing left to do, so no kept checkpoint may hold it (one leaked
+    # checkpoint would otherwise reveal every batch and every noise draw). Every worker saves (collectives).
+    model.run_secret.assign(np.zeros_like(model.run_secret.numpy()))
+    save_checkpoint(run.write_dir / "checkpoints", model, steps_done, final_ledger if run.chief else None, keep=1)
     if run.chief:
-        if final_ledger is not None:
-            final_ledger.save(run.out_dir / "ledger.json")
         write_json_atomic(run.out_dir / "training.json", {
             "config": config_to_dict(config), "plan": dataclasses.asdict(plan), "steps": steps_done,
             "stopped_at_budget": run.stop_step < plan.steps, "synthetic_data": prepared.cohort.synthetic,
@@ -493,11 +534,58 @@ def _plan_summary(plan: TrainingPlan, start: int, stop: int, prepared: PreparedD
     return text
 
 
-def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData) -> Ledger:
+def _run_secret(config: JobConfig, checkpoint: Path | None) -> RunSecret:
+    """A fresh secret from OS entropy, the experiment's seed-derived one, or a resumed run's own."""
+    seed = config.privacy.noise_seed
+    if checkpoint is None:
+        return RunSecret.fresh() if seed is None else RunSecret.from_experiment_seed(seed)
+    try:
+        words = tf.train.load_checkpoint(str(checkpoint / "state")).get_tensor("run_secret/.ATTRIBUTES/VARIABLE_VALUE")
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as exc:
+        raise DpmedtfError(f"{checkpoint} holds no run secret (made by an older dpmedtf?): its batches and noise "
+                           "cannot be continued; start over with --force or a new output directory") from exc
+    secret = RunSecret.from_words(words, seed)
+    if secret.is_erased:
+        raise DpmedtfError(f"{checkpoint}: this training finished and its secret was erased; it cannot be continued. "
+                           "Train again with --force or into a new output directory")
+    if seed is not None and secret != RunSecret.from_experiment_seed(seed):
+        raise DpmedtfError(f"{checkpoint} was not made with privacy.noise_seed {seed}; use the same privacy settings, "
+                           "a new output directory, or --force to start over")
+    return secret
+
+
+def _class_weights(config: JobConfig, plan: TrainingPlan, labels: np.ndarray, train_frame, secret: RunSecret):
+    """(positive, negative) loss weights per label and, for dp_counts, the DP release they come from."""
+    weighting = config.training.class_weights
+    if weighting == "dp_counts":
+        records = train_frame["patient_id"].to_numpy() if plan.unit_of_privacy == "patient" else None
+        noise = secret.secure_gaussian("class-counts", 0, [labels.shape[1]], 1.0)[0]
+        release = release_prevalences(labels, records, plan.class_count_noise_std, noise)
+        return (*prior_weights(release.prevalences), release)
+    if weighting == "inverse_frequency":
+        return (*inverse_frequency_weights(labels), None)
+    if weighting == "public_prior":
+        if len(config.training.class_prior) != labels.shape[1]:
+            raise DpmedtfError(f"training.class_prior has {len(config.training.class_prior)} values for "
+                               f"{labels.shape[1]} labels")
+        return (*prior_weights(config.training.class_prior), None)
+    ones = np.ones(labels.shape[1], np.float32)
+    return ones, ones, None
+
+
+def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData, secret: RunSecret,
+                    count_release) -> Ledger:
+    experiment = secret.is_experiment
     ledger = Ledger(plan.dataset_size, plan.batch_size, plan.delta, plan.accountant, plan.unit_of_privacy,
                     plan.epsilon_budget, notes={
-                        "noise_rng": "stateless Philox keyed by (noise key, step); key from OS entropy" if config.privacy.noise_seed is None
-                        else f"stateless Philox keyed by (noise key, step); fixed key {config.privacy.noise_seed} (reproducible experiments only)",
+                        "randomness": "experiment" if experiment else "secret",
+                        "randomness_source": "derived from privacy.noise_seed in the job file: REPRODUCIBLE EXPERIMENT, "
+                                             "no DP guarantee" if experiment else
+                                             "256-bit secret from OS entropy, kept only in checkpoints and erased when training ends",
+                        "sampling_rng": "ChaCha20 keyed by the run secret (HMAC-SHA256 sub-key), one coin per record and step",
+                        "noise_rng": ("CSPRNG (ChaCha20) Gaussian, sum of four draws ÷ 2 (secure_rng)" if config.privacy.secure_rng
+                                      else "stateless Philox, a 128-bit seed per (step, variable) from the run secret's ChaCha20 stream")
+                                     + "; σ·C rounded up to float32",
                         "noise_added": "once per step to the global clipped sum (on replica 0 under a distribution strategy)",
                         "normalisation": "noised clipped sum divided by the expected batch size",
                         "clipping_engine": CLIPPING_ENGINES[plan.clipping],
@@ -508,8 +596,15 @@ def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedDat
                         "pretrained_weights": str(config.model.pretrained_weights) if config.model.pretrained_weights else None,
                         "pretrained_on": config.model.pretrained_on,
                         "synthetic_data": prepared.cohort.synthetic})
+    if count_release is not None:
+        ledger = ledger.with_release(count_release.ledger_release())
+    if prepared.cohort.split_stratified_on_labels:
+        ledger = ledger.with_non_dp_use("data split", "patients assigned to train/validation/test by a split stratified "
+                                        "on their labels (which patients are trained on depends on the labels)",
+                                        private_data_used=True)
     if config.training.class_weights == "inverse_frequency":
-        ledger = ledger.with_non_dp_use("class weights", "inverse class frequencies counted on the training labels",
+        ledger = ledger.with_non_dp_use("class weights", "inverse class frequencies counted exactly on the training "
+                                        "labels (every example's loss depends on every training label)",
                                         private_data_used=True)
     elif config.training.class_weights == "public_prior":
         ledger = ledger.with_non_dp_use("class weights", f"from public prevalences {list(config.training.class_prior)}",
@@ -517,21 +612,36 @@ def _initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedDat
     return ledger
 
 
+_SETTINGS_CHANGED = ("{checkpoint} was made with different privacy settings than this config; use a new output "
+                     "directory or --force to start over (the old run's ε stays spent)")
+
+
+def _checkpoint_ledger(checkpoint: Path, plan: TrainingPlan) -> Ledger | None:
+    """The checkpoint's ledger, refused unless it was made with this plan's DP-SGD settings. Checked before
+    anything else of the checkpoint is read."""
+    ledger = Ledger.load(checkpoint / "ledger.json") if (checkpoint / "ledger.json").is_file() else None
+    if not plan.dp:
+        return ledger
+    if ledger is None:
+        raise DpmedtfError(f"{checkpoint} has no privacy ledger: it is not a checkpoint of this DP run")
+    segment = ledger.segments[-1] if ledger.segments else None
+    if (ledger.dataset_size, ledger.batch_size, ledger.delta, ledger.unit_of_privacy) != (
+            plan.dataset_size, plan.batch_size, plan.delta, plan.unit_of_privacy) or (segment and (
+            segment.noise_multiplier, segment.clip_norm, segment.sampling_rate) != (
+            plan.noise_multiplier, plan.clip_norm, plan.sampling_rate)):
+        raise DpmedtfError(_SETTINGS_CHANGED.format(checkpoint=checkpoint))
+    return ledger
+
+
 def _resume(checkpoint: Path, model: _StepModel, plan: TrainingPlan, fresh_ledger: Ledger | None,
             out_dir: Path) -> tuple[int, Ledger | None]:
+    ledger = _checkpoint_ledger(checkpoint, plan)
     _checkpoint(model).read(str(checkpoint / "state")).assert_existing_objects_matched()
     step = json.loads((checkpoint / "position.json").read_text())["next_step"]
-    ledger = Ledger.load(checkpoint / "ledger.json") if (checkpoint / "ledger.json").is_file() else None
     if plan.dp:
-        if ledger is None:
-            raise DpmedtfError(f"{checkpoint} has no privacy ledger: it is not a checkpoint of this DP run")
-        same = (ledger.dataset_size, ledger.batch_size, ledger.delta, ledger.unit_of_privacy) == (
-            fresh_ledger.dataset_size, fresh_ledger.batch_size, fresh_ledger.delta, fresh_ledger.unit_of_privacy)
-        segment = ledger.segments[-1] if ledger.segments else None
-        if not same or (segment and (segment.noise_multiplier, segment.clip_norm, segment.sampling_rate) != (
-                plan.noise_multiplier, plan.clip_norm, plan.sampling_rate)):
-            raise DpmedtfError(f"{checkpoint} was made with different privacy settings than this config; use a "
-                               f"new output directory or --force to start over (the old run's ε stays spent)")
+        if (ledger.releases, ledger.notes.get("randomness")) != (fresh_ledger.releases,
+                                                                fresh_ledger.notes.get("randomness")):
+            raise DpmedtfError(_SETTINGS_CHANGED.format(checkpoint=checkpoint))
         if ledger.steps != step:
             raise DpmedtfError(f"{checkpoint}: ledger records {ledger.steps} steps but the model is at {step}")
     print(f"resuming {out_dir} at step {step}" + (f" (ε spent so far {ledger.epsilon():.4g})" if ledger else ""),
@@ -539,14 +649,32 @@ def _resume(checkpoint: Path, model: _StepModel, plan: TrainingPlan, fresh_ledge
     return step, ledger
 
 
-def _make_sampler(config: JobConfig, plan: TrainingPlan, train_frame):
-    seed = config.training.seed
+def _make_sampler(config: JobConfig, plan: TrainingPlan, train_frame, secret: RunSecret):
     if not plan.dp:
-        return ShuffledBatches(plan.dataset_size, plan.batch_size, plan.steps, seed)
+        return ShuffledBatches(plan.dataset_size, plan.batch_size, plan.steps, config.training.seed)
     if plan.unit_of_privacy == "patient":
-        return PatientPoissonSampler(tuple(train_frame["patient_id"]), plan.batch_size, plan.steps, seed,
+        return PatientPoissonSampler(tuple(train_frame["patient_id"]), plan.batch_size, plan.steps, secret,
                                      plan.max_images_per_patient)
-    return PoissonSampler(plan.dataset_size, plan.batch_size, plan.steps, seed)
+    return PoissonSampler(plan.dataset_size, plan.batch_size, plan.steps, secret)
+
+
+def check_pretraining_is_public(config: JobConfig, prepared: PreparedData) -> None:
+    """Refuses pretrained weights that dpmedtf trained without DP on this job's own data: the certificate
+    would claim privacy for weights that already encode the private data. (Weights from elsewhere are the
+    user's statement, recorded as ``model.pretrained_on``.)"""
+    weights = config.model.pretrained_weights
+    record = Path(weights).parent / "training.json" if weights else None
+    if not config.privacy.enabled or record is None or not record.is_file():
+        return
+    recorded = json.loads(record.read_text()).get("config", {})
+    manifest = recorded.get("data", {}).get("manifest")
+    if recorded.get("privacy", {}).get("enabled", True) or not manifest or not Path(manifest).is_file():
+        return
+    if Path(manifest).resolve() == prepared.cohort.source.resolve() or \
+            sha256_file(Path(manifest)) == sha256_file(prepared.cohort.source):
+        raise DpmedtfError(f"model.pretrained_weights {weights} were trained without DP on this job's own manifest "
+                           f"({manifest}); DP fine-tuning cannot make them private. Pretrain on public data, or "
+                           "train from scratch")
 
 
 def _build_network(config: JobConfig, prepared: PreparedData, num_outputs: int) -> tf.keras.Model:

@@ -99,7 +99,8 @@ def test_dp_event_json_round_trip_and_recompute():
     assert data["event"]["sampling_probability"] == 512 / 1625
     event = acc.dp_event_from_json(data)
     assert event == schedule.dp_event()
-    assert acc.epsilon_of_event(event, 1e-4, "rdp")[0] == acc.compute_epsilon(schedule, 1e-4).epsilon
+    assert acc.epsilon_of_event(event, 1e-4, "rdp")[0] == acc.compute_epsilon(schedule, 1e-4, "rdp").epsilon
+    assert acc.epsilon_of_event(event, 1e-4, "pld")[0] == acc.compute_epsilon(schedule, 1e-4).epsilon  # PLD: the default
 
 
 def test_dp_event_from_json_refuses_foreign_classes():

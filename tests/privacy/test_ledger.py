@@ -17,7 +17,7 @@ def empty(budget=None):
 def test_identical_steps_merge_and_epsilon_matches_the_accountant():
     ledger = empty().record(30, 0.01, 1.1, 1.5).record(20, 0.01, 1.1, 1.5)
     assert ledger.segments == (Segment(50, 0.01, 1.1, 1.5),) and ledger.steps == 50
-    assert ledger.epsilon() == acc.compute_epsilon(acc.DpSgdSchedule(1000, 10, 50, 1.1), 1e-5).epsilon
+    assert ledger.epsilon() == acc.compute_epsilon(acc.DpSgdSchedule(1000, 10, 50, 1.1), 1e-5, "rdp").epsilon
 
 
 def test_changed_parameters_start_a_segment_and_compose():

@@ -7,9 +7,16 @@ from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import 
 
 from dpmedtf.models import build_resnet9
 from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
+from dpmedtf.privacy.randomness import RunSecret, effective_noise_multiplier, noise_stddev_float32
 from dpmedtf.training.losses import weighted_bce_per_example
 
 ONES = tf.ones(4)
+SECRET = RunSecret.from_experiment_seed(0)
+
+
+def seeds(model, dp):
+    """What the input pipeline hands replica 0 of a DP step: one 128-bit noise seed per variable."""
+    return {"noise_seeds": SECRET.noise_seeds(0, len(model.trainable_variables))} if dp else {}
 
 
 def tiny_model(seed=0):
@@ -72,17 +79,18 @@ def test_every_per_example_contribution_has_norm_at_most_c():
 def test_noise_standard_deviation_is_sigma_times_c():
     sigma, clip, expected_batch = 1.3, 1.5, 16.0
     zeros = [tf.zeros((200_000,)), tf.zeros((300, 300))]
-    draws = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([7, 0], tf.int64))
+    key = RunSecret.fresh()
+    draws = noised_mean(zeros, sigma * clip, expected_batch, key.noise_seeds(0, 2))
     for draw in draws:
         values = draw.numpy().ravel() * expected_batch  # undo the 1/B scaling: the noise on the sum
         assert values.std() == pytest.approx(sigma * clip, rel=0.05)
         assert abs(values.mean()) < 0.05 * sigma * clip
-    next_step = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([7, 1], tf.int64))
+    next_step = noised_mean(zeros, sigma * clip, expected_batch, key.noise_seeds(1, 2))
     assert not np.array_equal(next_step[0].numpy(), draws[0].numpy())  # fresh noise every step
-    other_key = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([8, 0], tf.int64))
+    other_key = noised_mean(zeros, sigma * clip, expected_batch, RunSecret.fresh().noise_seeds(0, 2))
     assert not np.array_equal(other_key[0].numpy(), draws[0].numpy())  # the key, not the step alone, decides
     assert not np.array_equal(draws[0].numpy().ravel()[:1000], draws[1].numpy().ravel()[:1000])  # per-variable streams
-    same = noised_mean(zeros, sigma * clip, expected_batch, tf.constant([7, 0], tf.int64))
+    same = noised_mean(zeros, sigma * clip, expected_batch, RunSecret(key.key).noise_seeds(0, 2))
     np.testing.assert_array_equal(same[0].numpy(), draws[0].numpy())  # a resumed step redraws its own noise
 
 
@@ -113,15 +121,15 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(eng
         optimizer = tf.keras.optimizers.legacy.SGD(lr)
     before = [v.numpy().copy() for v in model.trainable_variables]
     plan = TrainingPlan(dp, 100, expected_b, 1, 10, 0.0, clip, clip, 1, "image", 1e-5, "rdp", None, None, engine)
-    step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0,
+    step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), SECRET,
                             max_physical_batch=4)
     train_step = tf.function(step_model.train_step) if graph else step_model.train_step
-    train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64)})
+    train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64), **seeds(model, dp)})
     for b, v, e in zip(before, model.trainable_variables, expected):
         assert float(np.linalg.norm((b - v.numpy()) / lr - e.numpy()) / np.linalg.norm(e.numpy())) < 1e-4
     assert int(optimizer.iterations) == 1  # one update for the step
     with pytest.raises(tf.errors.InvalidArgumentError, match="input step is not the optimizer step"):  # a shard of another step
-        train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64)})
+        train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64), **seeds(model, dp)})
 
 
 @pytest.mark.parametrize("engine", ["fast", "vectorized"])
@@ -134,8 +142,80 @@ def test_an_empty_poisson_step_still_adds_noise(engine):
     sgd = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
         l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=1.0) if engine == "vectorized" \
         else tf.keras.optimizers.legacy.SGD(1.0)
-    step_model = _StepModel(model, plan, sgd, np.ones(4, np.float32), np.ones(4, np.float32), noise_seed=0)
+    step_model = _StepModel(model, plan, sgd, np.ones(4, np.float32), np.ones(4, np.float32), SECRET)
     tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
-                                        "step": tf.constant(0, tf.int64)})
+                                        "step": tf.constant(0, tf.int64), **seeds(model, True)})
     update = np.concatenate([(b - v.numpy()).ravel() for b, v in zip(before, model.trainable_variables)])
     assert update.std() == pytest.approx(1.0 / 10, rel=0.05)  # pure noise N(0, (σC)²) / B
+
+
+def test_noise_streams_use_the_whole_key_not_an_int32_fold():
+    """The old derivation folded the variable index in with stateless_fold_in on a Python int, which
+    keeps only a random int32 of the (key, step) seed: steps whose int32 fold collides drew identical
+    noise. Search that old derivation for two steps that collide (a birthday search over int32 values),
+    then show the run secret's seeds for the same two steps differ in all 128 bits and draw different noise."""
+    def old_seed(key, step):
+        return tuple(tf.random.experimental.stateless_fold_in(tf.constant([key, step], tf.int64), 0).numpy())
+
+    # Birthday search on the 32-bit part: fold_in(seed, 0) = [uniform_int32(seed), 0]. Restrict to the low
+    # 12 bits of that int32 so a collision appears in ~100 steps; the full 32 bits collide the same way at
+    # ~80k steps (the paper trains 179,886).
+    seen, pair = {}, None
+    for step in range(2000):
+        low_bits = old_seed(7, step)[0] & 0xFFF
+        if low_bits in seen:
+            pair = (seen[low_bits], step)
+            break
+        seen[low_bits] = step
+    assert pair is not None
+    assert old_seed(7, pair[0])[1] == old_seed(7, pair[1])[1] == 0  # the old seed's second half carried nothing
+    key = RunSecret.fresh()
+    first, second = key.noise_seeds(pair[0], 3), key.noise_seeds(pair[1], 3)
+    assert first.shape == (3, 2) and first.dtype == np.int64
+    assert len({tuple(row) for row in np.concatenate([first, second])}) == 6  # every (step, variable) its own seed
+    assert all(row[0] != 0 and row[1] != 0 for row in first)  # both 64-bit halves carry key material
+    zeros = [tf.zeros((1000,))]
+    a = noised_mean(zeros, 1.0, 1.0, first[:1])[0].numpy()
+    b = noised_mean(zeros, 1.0, 1.0, second[:1])[0].numpy()
+    assert not np.array_equal(a, b)
+    # Each seed depends on the whole key: flipping one bit of the secret changes every seed.
+    flipped = RunSecret(bytes([key.key[0] ^ 1]) + key.key[1:])
+    assert not np.any(flipped.noise_seeds(pair[0], 3) == first)
+
+
+def test_noise_stddev_is_rounded_up_to_float32_and_accounted():
+    for sigma, clip in ((1.1, 1.5), (0.7031, 1.0), (3.3333333, 0.1)):
+        stddev = noise_stddev_float32(sigma, clip)
+        assert np.float32(stddev) == stddev  # exactly representable: what the graph adds
+        assert stddev >= sigma * clip
+        assert float(np.nextafter(np.float32(stddev), np.float32(0))) < sigma * clip  # the next float32 up, no more
+        assert effective_noise_multiplier(sigma, clip) >= sigma
+
+
+def test_secure_noise_is_gaussian_with_the_requested_stddev_and_reproducible():
+    key = RunSecret.fresh()
+    a, b = key.secure_gaussian("noise", 4, [200_000, 10], 1.5)
+    assert a.dtype == np.float32 and a.shape == (200_000,) and b.shape == (10,)
+    assert a.std() == pytest.approx(1.5, rel=0.01) and abs(a.mean()) < 0.02
+    from scipy import stats
+    assert stats.kstest(a[:20_000] / 1.5, "norm").pvalue > 1e-3
+    np.testing.assert_array_equal(RunSecret(key.key).secure_gaussian("noise", 4, [200_000, 10], 1.5)[0], a)
+    assert not np.array_equal(key.secure_gaussian("noise", 5, [10], 1.5)[0], a[:10])
+
+
+def test_the_trainer_step_adds_the_given_secure_noise():
+    """With privacy.secure_rng the input pipeline hands replica 0 the noise itself: the update is exactly
+    (Σ clipped + noise) / B, nothing drawn in the graph."""
+    from dpmedtf.training.trainer import TrainingPlan, _StepModel
+
+    model = tiny_model(4)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    plan = TrainingPlan(True, 100, 10, 1, 10, 1.0, 1.0, 1.0, 1, "image", 1e-5, "pld", None, None, "fast")
+    step_model = _StepModel(model, plan, tf.keras.optimizers.legacy.SGD(1.0), np.ones(4, np.float32),
+                            np.ones(4, np.float32), SECRET)
+    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    noise = SECRET.secure_gaussian("noise", 0, sizes, noise_stddev_float32(1.0, 1.0))
+    tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
+                                        "step": tf.constant(0, tf.int64), "noise": tuple(noise)})
+    for b, v, n in zip(before, model.trainable_variables, noise):
+        np.testing.assert_allclose((b - v.numpy()).ravel(), n / 10, rtol=1e-5, atol=1e-7)

@@ -18,7 +18,7 @@ def write_job(directory: Path, manifest: Path, key: Path, **release) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "tiny-release",
         "data": {"manifest": str(manifest), "image_size": 32},
-        "privacy": {"target_epsilon": 8.0, "delta": 1e-3},
+        "privacy": {"target_epsilon": 8.0, "delta": 1e-3, "unit": "patient"},  # patient ε within the default policy
         "training": {"epochs": 2, "batch_size": 16, "max_physical_batch": 16, "seed": 3},
         "evaluation": {"bootstrap_redraws": 50},
         "release": {"private_key": str(key), **release}}))

@@ -83,3 +83,24 @@ def test_release_refuses_listing_every_broken_rule_and_writes_nothing(candidate,
     assert override["reason"] == "reviewed by the board, ticket 42"
     assert any(v.startswith("privacy.max_epsilon") for v in override["violations_overridden"])
     assert "explicit policy override" in (built / "model_card.md").read_text()
+
+
+def test_patient_level_epsilon_experiments_and_exact_class_counts_break_the_default_rules(candidate):
+    """The release candidate itself passes these rules (patient unit, secret randomness, DP class counts);
+    each way a run can fall short of them is refused by its own rule."""
+    from dpmedtf.privacy.ledger import Ledger
+
+    privacy_only = ReleasePolicy(fairness=FairnessRules(attributes=()))
+    assert rules_broken(privacy_only, candidate) == []
+    ledger = candidate.ledger
+    per_image = Ledger(dataset_size=60, batch_size=ledger.batch_size, delta=ledger.delta, accountant="pld",
+                       unit_of_privacy="image", releases=ledger.releases, segments=ledger.segments,
+                       notes={**ledger.notes, "images_per_patient_max": 3})
+    assert rules_broken(privacy_only, candidate, per_image) == ["privacy.max_patient_epsilon"]
+    experiment = dataclasses.replace(ledger, notes={**ledger.notes, "randomness": "experiment"})
+    assert rules_broken(privacy_only, candidate, experiment) == ["privacy.require_secret_randomness"]
+    exact = ledger.with_non_dp_use("class weights", "inverse class frequencies counted exactly", private_data_used=True)
+    assert rules_broken(privacy_only, candidate, exact) == ["privacy.forbidden_non_dp_uses"]
+    relaxed = ReleasePolicy(privacy=PrivacyRules(forbidden_non_dp_uses=(), require_secret_randomness=False,
+                                                 max_patient_epsilon=None), fairness=FairnessRules(attributes=()))
+    assert rules_broken(relaxed, candidate, experiment) == rules_broken(relaxed, candidate, exact) == []

@@ -35,19 +35,24 @@ def step_updates(strategy) -> dict[str, np.ndarray]:
     from dpmedtf.data.sampling import split_among_replicas
     from dpmedtf.models import build_resnet9
     from dpmedtf.training.distribution import local_replicas
+    from dpmedtf.privacy.randomness import RunSecret
     from dpmedtf.training.trainer import TrainingPlan, _StepModel
 
+    SECRET = RunSecret.from_experiment_seed(3)
     rng = np.random.default_rng(2)
     images = rng.random((EXAMPLES, 32, 32, 3), dtype=np.float32)
     labels = rng.integers(0, 2, (EXAMPLES, 4)).astype(np.float32)
 
     def shards_for_worker(context):
         parts = split_among_replicas(np.arange(EXAMPLES), context.num_replicas_in_sync)
-        local = [parts[r] for r in local_replicas(context)]
+        local = [(r, parts[r]) for r in local_replicas(context)]
+        variables = len(network.trainable_variables)
+        seeds = {r: SECRET.noise_seeds(0, variables) if r == 0 else np.zeros((variables, 2), np.int64) for r, _ in local}
         return tf.data.Dataset.from_generator(
-            lambda: ({"images": images[p], "labels": labels[p], "step": np.int64(0)} for p in local),
+            lambda: ({"images": images[p], "labels": labels[p], "step": np.int64(0), "noise_seeds": seeds[r]}
+                     for r, p in local),
             output_signature={"images": tf.TensorSpec([None, 32, 32, 3]), "labels": tf.TensorSpec([None, 4]),
-                              "step": tf.TensorSpec([], tf.int64)})
+                              "step": tf.TensorSpec([], tf.int64), "noise_seeds": tf.TensorSpec([None, 2], tf.int64)})
 
     updates = {}
     for name, (engine, noise) in STEP_CASES.items():
@@ -60,7 +65,7 @@ def step_updates(strategy) -> dict[str, np.ndarray]:
             plan = TrainingPlan(engine is not None, 100, EXPECTED_BATCH, 1, 10, noise, CLIP, CLIP, 1, "image", 1e-5,
                                 "rdp", None, None, engine)
             model = _StepModel(network, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32),
-                               noise_seed=3, max_physical_batch=3)
+                               SECRET, max_physical_batch=3)
         before = np.concatenate([v.numpy().ravel() for v in network.trainable_variables])
         inputs = iter(strategy.distribute_datasets_from_function(shards_for_worker))
         tf.function(lambda: strategy.run(model.train_step, args=(next(inputs),)))()

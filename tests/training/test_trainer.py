@@ -16,6 +16,7 @@ from dpmedtf.config import config_from_mapping, load_config
 from dpmedtf.data.sampling import PatientPoissonSampler
 from dpmedtf.privacy import accounting as acc
 from dpmedtf.privacy.ledger import Ledger
+from dpmedtf.privacy.randomness import RunSecret
 from dpmedtf.training.job import sweep_members
 from dpmedtf.training.trainer import BudgetExceededError, _build_network, plan_training, train
 from tests.training.conftest import job_file
@@ -34,13 +35,22 @@ def test_epsilon_from_the_saved_ledger_is_the_reported_and_targeted_one(prepared
     ledger = Ledger.load(tmp_path / "ledger.json")
     summary = json.loads((tmp_path / "training.json").read_text())
     plan = summary["plan"]
-    independent = acc.compute_epsilon(acc.DpSgdSchedule(plan["dataset_size"], plan["batch_size"], summary["steps"],
-                                                        plan["noise_multiplier"]), 1e-3).epsilon
-    assert ledger.epsilon() == summary["epsilon"] == result.ledger.epsilon() == independent
-    assert independent == pytest.approx(4.0, rel=1e-3) and independent <= 4.0
+    # Independently of dpmedtf's accounting code: dp_accounting's PLD on the two releases the run made —
+    # the class counts (Gaussian, σ_counts/√labels) and DP-SGD — from the plan's own numbers.
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+    counts = dp_accounting.GaussianDpEvent(plan["class_count_noise_std"] / np.sqrt(plan["num_labels"]))
+    sgd = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        plan["batch_size"] / plan["dataset_size"], dp_accounting.GaussianDpEvent(plan["noise_multiplier"])), summary["steps"])
+    independent = pld_privacy_accountant.PLDAccountant().compose(counts).compose(sgd).get_epsilon(1e-3)
+    assert ledger.epsilon() == summary["epsilon"] == result.ledger.epsilon()
+    assert ledger.epsilon() == pytest.approx(independent, rel=1e-9)
+    assert independent == pytest.approx(4.0, rel=1e-3) and ledger.epsilon() <= 4.0
     assert ledger.steps == result.steps == plan["steps"]
     assert ledger.segments[0].sampling_rate == 8 / plan["dataset_size"]
-    assert [u["what"] for u in ledger.non_dp_uses] == ["class weights"]
+    assert [r.what for r in ledger.releases] == ["class counts"]  # dp_counts: the DP default
+    assert "class weights" not in [u["what"] for u in ledger.non_dp_uses]
+    assert ledger.accountant == "pld" and ledger.notes["randomness"] == "experiment"  # noise_seed was set
     assert ledger.notes["synthetic_data"] is True and summary["synthetic_data"] is True
     # TensorBoard has the ε scalar, ending at the ledger's value.
     values = [(event.step, tf.make_ndarray(value.tensor)) for file in (tmp_path / "tensorboard" / "privacy").glob("events*")
@@ -114,7 +124,7 @@ def test_patient_level_privacy_samples_patients_and_bounds_their_images(prepared
     plan = plan_training(cfg, prepared)
     train_frame = prepared.cohort.frame[prepared.cohort.frame["split"] == "train"]
     assert plan.dataset_size == train_frame["patient_id"].nunique() and plan.example_clip_norm == 1.5 / 2
-    sampler = PatientPoissonSampler(tuple(train_frame["patient_id"]), 4, 400, seed=0, max_images_per_patient=2)
+    sampler = PatientPoissonSampler(tuple(train_frame["patient_id"]), 4, 400, RunSecret.fresh(), max_images_per_patient=2)
     patients = np.asarray(train_frame["patient_id"])
     inclusions = np.zeros(sampler.dataset_size)
     codes = {p: i for i, p in enumerate(sorted(set(patients)))}
@@ -172,13 +182,16 @@ def test_class_weight_choices_are_recorded_in_the_ledger(prepared):
     np.testing.assert_allclose(negative, [4 / (2 * 2), 4 / (2 * 3)])
     np.testing.assert_allclose(prior_weights([0.25])[0], [2.0])
     prior = (0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1)
+    secret = RunSecret.fresh()
     for weights, private in (("inverse_frequency", True), ("public_prior", False)):
         cfg = config({"target_epsilon": 8.0, "delta": 1e-3},
                      {"class_weights": weights, **({"class_prior": list(prior)} if weights == "public_prior" else {})})
-        ledger = _initial_ledger(cfg, plan_training(cfg, prepared), prepared)
-        assert [(u["what"], u["private_data_used"]) for u in ledger.non_dp_uses] == [("class weights", private)]
+        ledger = _initial_ledger(cfg, plan_training(cfg, prepared), prepared, secret, None)
+        assert [(u["what"], u["private_data_used"]) for u in ledger.non_dp_uses
+                if u["what"] != "data split"] == [("class weights", private)]
     cfg = config({"target_epsilon": 8.0, "delta": 1e-3}, {"class_weights": "none"})
-    assert _initial_ledger(cfg, plan_training(cfg, prepared), prepared).non_dp_uses == ()
+    assert [u["what"] for u in _initial_ledger(cfg, plan_training(cfg, prepared), prepared, secret, None).non_dp_uses
+            if u["what"] != "data split"] == []
     with pytest.raises(Exception, match="class_prior"):
         config({"target_epsilon": 8.0}, {"class_weights": "public_prior"})
 

@@ -1,0 +1,70 @@
+"""Class weights under DP: each label's prevalence from positive counts released by a Gaussian mechanism.
+
+The paper weights the BCE loss by inverse class frequencies. Counted exactly on the training labels,
+those weights make every example's loss depend on every other training label, which DP-SGD's
+per-example clipping does not cover. Here the counts are a DP release of their own: each record (an
+image, or a patient whose images contribute their mean label) adds a vector in [0, 1]^L, so one record
+moves the count vector by at most √L in L2; Gaussian noise of standard deviation s on every count is
+the Gaussian mechanism with noise multiplier s/√L. Its DpEvent is composed with DP-SGD's in the
+ledger, so the certified ε covers the weights. The number of records N is treated as public.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import dp_accounting
+import numpy as np
+
+from dpmedtf.privacy import accounting
+from dpmedtf.privacy.ledger import Release
+
+RELEASE_NAME = "class counts"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CountRelease:
+    """Noisy positive counts per label and what they reveal."""
+
+    prevalences: np.ndarray
+    """Noisy positive fraction per label, kept inside [1/(2N), 1 − 1/(2N)] so weights stay finite."""
+    noise_std: float
+    labels: int
+    records: int
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self.noise_std / math.sqrt(self.labels)
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+
+    def ledger_release(self) -> Release:
+        return Release(RELEASE_NAME, f"per-label positive counts over {self.records} records + N(0, {self.noise_std:g}²) "
+                                     f"each (L2 sensitivity √{self.labels}); loss weights 1/(2p), 1/(2(1−p))",
+                       accounting.dp_event_to_json(self.dp_event()))
+
+
+def count_event(noise_std: float, labels: int) -> dp_accounting.DpEvent:
+    """The DpEvent of releasing ``labels`` counts with this noise (known before any data is read)."""
+    return dp_accounting.GaussianDpEvent(noise_std / math.sqrt(labels))
+
+
+def release_prevalences(labels: np.ndarray, record_of_example, noise_std: float, noise: np.ndarray) -> CountRelease:
+    """Noisy prevalences of ``labels`` (examples × L, 0/1); ``record_of_example`` groups examples into
+    records (patient IDs for patient-level privacy, or None: each example is a record). ``noise`` is
+    L standard normal draws from the run's secret."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if record_of_example is None:
+        contributions = labels
+    else:  # a patient contributes the mean label of their images: still one vector in [0, 1]^L
+        codes = np.unique(np.asarray(record_of_example), return_inverse=True)[1]
+        contributions = np.zeros((codes.max() + 1, labels.shape[1]))
+        np.add.at(contributions, codes, labels)
+        contributions /= np.bincount(codes)[:, None]
+    records = len(contributions)
+    noisy = contributions.sum(axis=0) + noise_std * np.asarray(noise, dtype=np.float64)
+    floor = 1.0 / (2 * records)
+    return CountRelease(prevalences=np.clip(noisy / records, floor, 1 - floor), noise_std=float(noise_std),
+                        labels=labels.shape[1], records=records)
