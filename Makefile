@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(VENV)/bin/dpmedtf demo --out runs/demo
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/calibration.py
+	$(VENV)/bin/python benchmarks/calibration.py --paper-grid
+	$(VENV)/bin/python benchmarks/secure_rng.py
 	$(VENV)/bin/python benchmarks/data_pipeline.py
 	$(VENV)/bin/python benchmarks/bootstrap.py
 	$(VENV)/bin/python benchmarks/dp_engines.py --large 128:224

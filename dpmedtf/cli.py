@@ -32,8 +32,8 @@ app.add_typer(preprocess_app, name="preprocess")
 
 
 class AccountantChoice(str, Enum):
-    rdp = "rdp"
     pld = "pld"
+    rdp = "rdp"
 
 
 def _version_callback(value: bool) -> None:
@@ -55,7 +55,7 @@ _BATCH = typer.Option(..., "--batch-size", help="B: expected batch size; samplin
 _EPOCHS = typer.Option(None, "--epochs", help="Expected passes over the data; steps = ceil(E·N/B).")
 _STEPS = typer.Option(None, "--steps", help="Optimizer steps (instead of --epochs).")
 _DELTA = typer.Option(..., "--delta", help="δ; must be below 1/N.")
-_ACCOUNTANT = typer.Option(AccountantChoice.rdp, "--accountant", help="Privacy accountant.")
+_ACCOUNTANT = typer.Option(AccountantChoice.pld, "--accountant", help="Privacy accountant: pld (tight, default) or rdp.")
 _LARGE_DELTA = typer.Option(False, "--allow-large-delta",
                             help="Accept δ ≥ 1/N, which permits leaking a whole record.")
 

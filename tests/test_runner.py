@@ -21,7 +21,7 @@ PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 def write_pipeline(directory: Path, manifest: Path, **overrides) -> Path:
     job = {"name": "resumable", "data": {"manifest": str(manifest), "image_size": 32},
-           "privacy": {"target_epsilon": 4.0, "delta": 1e-3},
+           "privacy": {"target_epsilon": 4.0, "delta": 1e-3, "accountant": "rdp"},
            "training": {"steps": 30, "batch_size": 8, "max_physical_batch": 8, "checkpoint_every_steps": 2, "seed": 1},
            "pipeline": {"stages": ["prepare", "train"]}}
     for section, values in overrides.items():

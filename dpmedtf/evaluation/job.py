@@ -15,6 +15,8 @@ from dpmedtf.evaluation.report import write_report
 from dpmedtf.evaluation.sweep import SweepMember, analyse_sweep
 from dpmedtf.files import json_safe, write_json_atomic
 from dpmedtf.models import load_model
+from dpmedtf.privacy.group import patient_level
+from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.training.job import prepare_data, sweep_members
 
 
@@ -32,9 +34,13 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
         # The written files, not the in-memory dict, are what every later reader sees (NaN → null).
         evaluate(load_model(member_dir / "model.keras"), prepared, out, member.evaluation.bootstrap_redraws,
                  member.evaluation.seed)
-        members.append(SweepMember(name or job.name, member.privacy.target_epsilon if member.privacy.enabled else None,
+        # ε as the accountant computes it on what ran (the ledger), never the configured target.
+        ledger = Ledger.load(member_dir / "ledger.json") if (member_dir / "ledger.json").is_file() else None
+        members.append(SweepMember(name or job.name, ledger.epsilon() if ledger else None,
                                    json.loads((out / "metrics.json").read_text()), pd.read_csv(out / "predictions.csv"),
-                                   json.loads((out / "fairness_report.json").read_text())))
+                                   json.loads((out / "fairness_report.json").read_text()),
+                                   patient_level(ledger)["epsilon"] if ledger else None,
+                                   ledger.unit_of_privacy if ledger else None))
     synthetic = prepared.cohort.synthetic
     figures, sweep = [], None
     if len(members) > 1:

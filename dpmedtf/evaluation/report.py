@@ -40,11 +40,13 @@ def write_report(out: Path, title: str, members: list, sweep: dict | None, figur
     rows = []
     for m in sorted(members, key=lambda m: (m.epsilon is None, m.epsilon or 0)):
         mean, audit = m.metrics["mean"], m.metrics.get("membership_inference", {}).get("entire_dataset", {})
-        rows.append([html.escape(m.name), "non-private" if m.epsilon is None else f"{m.epsilon:g}",
+        rows.append([html.escape(m.name), "non-private" if m.epsilon is None else f"{m.epsilon:.4g} per {m.unit}",
+                     "–" if m.epsilon is None else ("no finite bound" if m.patient_epsilon is None
+                                                    else f"{m.patient_epsilon:.4g}"),
                      f"{_number(mean['auroc'])} [{_number(mean['auroc_ci_low'])}, {_number(mean['auroc_ci_high'])}]",
                      _number(mean["sensitivity"]), _number(mean["specificity"]), _number(mean["accuracy"]),
                      _attack_auc(audit.get("threshold_attack", {})), _attack_auc(audit.get("trained_attack", {}))])
-    parts.append(_table(["model", "ε", "mean AUROC [95% CI]", "sensitivity", "specificity", "accuracy",
+    parts.append(_table(["model", "certified ε", "patient-level ε", "mean AUROC [95% CI]", "sensitivity", "specificity", "accuracy",
                          "MIA AUC ± SE (threshold)", "MIA AUC ± SE (trained)"], rows))
     parts.append("<p class='note'>Thresholds: Youden index on the validation split, applied unchanged to test. "
                  "MIA: training images (members) vs test images; 0.5 = the attacker cannot tell them apart.</p>")

@@ -28,6 +28,10 @@ class SweepMember:
     predictions: pd.DataFrame
     fairness: dict
     """fairness_report.json of the model."""
+    patient_epsilon: float | None = None
+    """ε for all images of one patient (group privacy when the unit is the image), from the ledger."""
+    unit: str | None = None
+    """Unit of privacy of ``epsilon``: "image" or "patient"; None for the non-private model."""
 
 
 def _pearson(x, y) -> dict:

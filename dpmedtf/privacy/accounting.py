@@ -11,6 +11,7 @@ amplification holds; a "record" is whatever the data path samples (an image, or 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -179,8 +180,25 @@ def make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
     raise PrivacyParameterError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
 
 
+_EPSILON_CACHE: dict[tuple[str, float, str], tuple[float, dict]] = {}
+_EPSILON_CACHE_SIZE = 256
+
+
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str) -> tuple[float, dict]:
-    """ε at δ of any DpEvent (also used to re-check a certificate's serialised event)."""
+    """ε at δ of any DpEvent (also used to re-check a certificate's serialised event).
+
+    Remembered per (event, δ, accountant) within a process: a release asks for the same ledger's ε
+    several times (certificate, mechanisms, patient level), and one PLD evaluation costs seconds."""
+    key = (json.dumps(dp_event_to_json(event), sort_keys=True), float(delta), accountant)
+    if key not in _EPSILON_CACHE:
+        if len(_EPSILON_CACHE) >= _EPSILON_CACHE_SIZE:
+            _EPSILON_CACHE.pop(next(iter(_EPSILON_CACHE)))
+        _EPSILON_CACHE[key] = _epsilon_of_event(event, delta, accountant)
+    epsilon, details = _EPSILON_CACHE[key]
+    return epsilon, dict(details)
+
+
+def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str) -> tuple[float, dict]:
     acc = make_accountant(accountant).compose(event)
     if accountant == "rdp":
         eps, order = acc.get_epsilon_and_optimal_order(delta)
@@ -228,8 +246,16 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, dataset_size
 
     q = batch_size / dataset_size
 
+    evaluated: dict[float, tuple[float, dict]] = {}  # each ε(σ) once: a PLD evaluation costs seconds
+
+    def accounted(sigma: float) -> tuple[float, dict]:
+        if sigma not in evaluated:
+            evaluated[sigma] = epsilon_of_event(with_prior_releases(dp_sgd_event(q, sigma, steps), prior_event),
+                                                delta, accountant)
+        return evaluated[sigma]
+
     def epsilon_at(sigma: float) -> float:
-        return epsilon_of_event(with_prior_releases(dp_sgd_event(q, sigma, steps), prior_event), delta, accountant)[0]
+        return accounted(sigma)[0]
 
     # RDP is cheap and its σ is a close upper estimate of PLD's, so it seeds the PLD search.
     guess, factor = 1.0, 2.0
@@ -247,8 +273,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, dataset_size
     while epsilon_at(sigma) > target_epsilon:
         sigma += sigma_tolerance / 4
 
-    accounting = compute_epsilon(DpSgdSchedule(dataset_size, batch_size, steps, float(sigma)), delta,
-                                 accountant, allow_large_delta, prior_event)
+    epsilon, details = accounted(sigma)
+    accounting = PrivacyAccounting(DpSgdSchedule(dataset_size, batch_size, steps, float(sigma)), float(delta),
+                                   epsilon, accountant, details)
     below = epsilon_at(sigma - sigma_tolerance) if sigma - sigma_tolerance > 0 else math.inf
     if not (accounting.epsilon <= target_epsilon < below):
         raise PrivacyParameterError(  # a failed self-check, not a user error: never certify it

@@ -58,6 +58,28 @@ class GroupPrivacy:
     """The accountant that produced example_epsilon ("pld" or "rdp")."""
 
 
+def patient_level(ledger) -> dict:
+    """The guarantee for all images of one patient, from a training ledger: the certified ε itself when
+    the unit of privacy is the patient, else group privacy over the most images one patient has in the
+    training split. Group privacy needs the image-level ε at a tiny δ, where PLD's discretised tail gives
+    up (∞) while RDP still bounds it; both are valid upper bounds, so the smaller one is stated."""
+    notes = ledger.notes
+    event = ledger.dp_event()
+    if ledger.unit_of_privacy == "patient":
+        k = notes.get("max_images_per_patient_per_step") or 1
+        return {"epsilon": ledger.epsilon(), "delta": ledger.delta,
+                "max_images_per_patient": notes.get("images_per_patient_max"),
+                "method": f"the unit of privacy is the patient: a sampled patient contributes at most {k} image(s) "
+                          f"to a step, each clipped to C/{k}, so the patient's whole contribution to a step is "
+                          "clipped to C"}
+    k = int(notes.get("images_per_patient_max") or 1)
+    bounds = [group_epsilon(event, ledger.delta, k, accountant) for accountant in ("pld", "rdp")]
+    group = min(bounds, key=lambda g: g.epsilon)
+    return {"epsilon": group.epsilon if math.isfinite(group.epsilon) else None,  # None: no finite bound exists
+            "delta": group.delta, "max_images_per_patient": k, "method": group.method,
+            "by_accountant": {g.accountant: g.epsilon if math.isfinite(g.epsilon) else None for g in bounds}}
+
+
 def group_epsilon(event: dp_accounting.DpEvent, delta: float, group_size: int,
                   accountant: str = "pld") -> GroupPrivacy:
     """ε at δ for groups of up to ``group_size`` records, under add-or-remove-one-record accounting of ``event``."""

@@ -86,6 +86,18 @@ def load_candidate(member_dir: str | os.PathLike) -> ReleaseCandidate:
                             json.loads((evaluation / "fairness_report.json").read_text()))
 
 
+def _patient_privacy(certificate: dict) -> str:
+    """The card's line on what a whole patient is protected by."""
+    patient = certificate["patient_level"]
+    if certificate["unit_of_privacy"] == "patient":
+        return f"ε = {patient['epsilon']:.4g}, δ = {patient['delta']:g}: the unit of privacy is the patient"
+    k = patient["max_images_per_patient"]
+    if patient["epsilon"] is None:
+        return f"no finite bound for a patient with {k} images (group privacy); the guarantee is per image only"
+    return (f"ε = {patient['epsilon']:.4g}, δ = {patient['delta']:g} for a patient with up to {k} images "
+            "(group privacy)")
+
+
 def evaluation_non_dp_uses(selected_from: int = 1) -> tuple[dict, ...]:
     """What evaluating and publishing a model does with private data beyond DP-SGD."""
     uses = [
@@ -292,6 +304,10 @@ def model_card(candidate: ReleaseCandidate, metadata: Mapping[str, Any], certifi
         "input_shape": "(" + ", ".join(str(s) for s in metadata["input"]["shape"]) + ")",
         "n_labels": len(metadata["labels"]),
         "epsilon": f"{certificate['epsilon']:.4g}", "delta": f"{certificate['delta']:g}", "unit": unit,
+        "accountant": certificate["accountant"].upper(),
+        "cross_check": f"{certificate['epsilon_cross_check']['accountant'].upper()} gives "
+                       f"{certificate['epsilon_cross_check']['epsilon']:.4g}",
+        "patient_privacy": _patient_privacy(certificate),
         "unit_plural": "patients" if unit == "patient" else "images",
         "intended_use": intended_use,
         "data_description": (f"Trained on {n_train:,} {'patients' if unit == 'patient' else 'images'} "

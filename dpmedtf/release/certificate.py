@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.privacy import accounting
-from dpmedtf.privacy.group import group_epsilon
+from dpmedtf.privacy.group import patient_level
 from dpmedtf.privacy.ledger import Ledger
 
 SCHEMA_VERSION = "1.1"
@@ -87,7 +87,7 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
         "epsilon_cross_check": {"accountant": other,
                                 "epsilon": accounting.epsilon_of_event(event, ledger.delta, other)[0]},
         "mechanisms": _mechanisms(ledger),
-        "patient_level": _patient_level(ledger, event, epsilon),
+        "patient_level": patient_level(ledger),
         "randomness": {"secret": notes.get("randomness") == "secret", "source": notes.get("randomness_source"),
                        "sampling": notes.get("sampling_rng"), "noise": notes.get("noise_rng")},
         "scope": {
@@ -122,25 +122,6 @@ def _mechanisms(ledger: Ledger) -> list[dict[str, Any]]:
                   "dp_event": accounting.dp_event_to_json(sgd),
                   "epsilon_alone": accounting.epsilon_of_event(sgd, ledger.delta, ledger.accountant)[0]})
     return parts
-
-
-def _patient_level(ledger: Ledger, event, epsilon: float) -> dict[str, Any]:
-    """The guarantee for a whole patient: the certified one when the unit is the patient, else group
-    privacy over the most images one patient has in the training split."""
-    notes = ledger.notes
-    if ledger.unit_of_privacy == "patient":
-        k = notes.get("max_images_per_patient_per_step") or 1
-        return {"epsilon": epsilon, "delta": ledger.delta, "max_images_per_patient": notes.get("images_per_patient_max"),
-                "method": f"the unit of privacy is the patient: a sampled patient contributes at most {k} image(s) to a "
-                          f"step, each clipped to C/{k}, so the patient's whole contribution to a step is clipped to C"}
-    k = int(notes.get("images_per_patient_max") or 1)
-    # Group privacy needs the image-level ε at a tiny δ, where PLD's discretised tail gives up (∞) while RDP
-    # still bounds it; both are valid upper bounds, so the smaller is too.
-    bounds = [group_epsilon(event, ledger.delta, k, accountant) for accountant in ("pld", "rdp")]
-    group = min(bounds, key=lambda g: g.epsilon)
-    return {"epsilon": group.epsilon if math.isfinite(group.epsilon) else None,  # None: no finite bound exists
-            "delta": group.delta, "max_images_per_patient": k, "method": group.method,
-            "by_accountant": {g.accountant: g.epsilon if math.isfinite(g.epsilon) else None for g in bounds}}
 
 
 def plain_statement(certificate: Mapping[str, Any]) -> str:

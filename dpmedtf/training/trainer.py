@@ -670,8 +670,8 @@ def check_pretraining_is_public(config: JobConfig, prepared: PreparedData) -> No
     manifest = recorded.get("data", {}).get("manifest")
     if recorded.get("privacy", {}).get("enabled", True) or not manifest or not Path(manifest).is_file():
         return
-    if Path(manifest).resolve() == prepared.cohort.source.resolve() or \
-            sha256_file(Path(manifest)) == sha256_file(prepared.cohort.source):
+    ours = Path(config.data.manifest or prepared.cohort.source)
+    if Path(manifest).resolve() == ours.resolve() or sha256_file(Path(manifest)) == sha256_file(ours):
         raise DpmedtfError(f"model.pretrained_weights {weights} were trained without DP on this job's own manifest "
                            f"({manifest}); DP fine-tuning cannot make them private. Pretrain on public data, or "
                            "train from scratch")

@@ -165,3 +165,25 @@ def test_an_experiment_run_certifies_nothing():
     certificate = build_certificate(ledger(randomness="experiment"))
     assert certificate["randomness"]["secret"] is False
     assert certificate["statement"].startswith("NO DIFFERENTIAL PRIVACY GUARANTEE APPLIES")
+
+
+def test_a_released_bundles_certificate_is_recomputed_by_an_independent_accountant(bundle):
+    """The real bundle of the release tests (patient unit, DP class counts, trained for real): its PLD ε,
+    the RDP cross-check and each mechanism's ε recomputed from the serialised events by dp_accounting's
+    own accountants; the class-count event is the Gaussian the plan's noise implies."""
+    import json
+
+    certificate = json.loads((bundle / "privacy_certificate.json").read_text())
+    delta = certificate["delta"]
+    assert certificate["accountant"] == "pld" and certificate["randomness"]["secret"] is True
+    assert certificate["epsilon"] == pytest.approx(independent_epsilon(certificate["dp_event"], delta, "pld"), rel=1e-9)
+    assert certificate["epsilon_cross_check"]["epsilon"] == pytest.approx(
+        independent_epsilon(certificate["dp_event"], delta, "rdp"), rel=1e-9)
+    counts, sgd = certificate["mechanisms"]
+    assert counts["what"] == "class counts" and sgd["what"] == "DP-SGD"
+    assert counts["dp_event"] == {"class_name": "GaussianDpEvent", "noise_multiplier": pytest.approx(10.0 / math.sqrt(8))}
+    for part in (counts, sgd):
+        assert part["epsilon_alone"] == pytest.approx(independent_epsilon(part["dp_event"], delta, "pld"), rel=1e-9)
+    assert certificate["unit_of_privacy"] == "patient"
+    assert certificate["patient_level"]["epsilon"] == certificate["epsilon"]
+    assert certificate["epsilon"] <= 8.0

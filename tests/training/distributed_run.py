@@ -94,6 +94,17 @@ def main() -> None:
         train(job, prepare_data(job, out), out)
         return
     strategy = strategy_for(TrainingConfig(strategy=args["strategy"], devices=args.get("devices")))
+    if "broadcast" in args:  # each worker draws its own secret; all must end with the chief's
+        import hashlib
+
+        from dpmedtf.privacy.randomness import RunSecret
+        from dpmedtf.training.distribution import broadcast_from_chief
+
+        own = RunSecret.fresh()
+        received = broadcast_from_chief(strategy, own)
+        print(json.dumps({"chief": is_chief(strategy), "own": hashlib.sha256(own.key).hexdigest(),
+                          "received": hashlib.sha256(received.key).hexdigest()}))
+        return
     if "disagree" in args:  # the workers hold 10⁶ and 10⁶ + 1: every one must stop with the same error
         from dpmedtf.training.distribution import check_same_on_every_worker
 

@@ -172,6 +172,18 @@ def test_workers_that_disagree_all_stop_with_the_same_error(tmp_path):
         assert "shared storage" in output and "on N" not in output
 
 
+def test_workers_receive_the_chiefs_secret_not_their_own(tmp_path):
+    """Every worker draws a fresh secret; after the broadcast all hold the chief's, so all draw the same
+    Poisson batches, and no worker's secret came from anything but the chief."""
+    outputs = run_together([distributed_run({"strategy": "multi_worker", "broadcast": True})] * 2,
+                           worker_envs(2, tmp_path))
+    reports = [json.loads(next(line for line in output.splitlines() if line.startswith("{"))) for output in outputs]
+    chief = next(r for r in reports if r["chief"])
+    other = next(r for r in reports if not r["chief"])
+    assert other["own"] != chief["own"]  # they drew different secrets
+    assert chief["received"] == other["received"] == chief["own"]
+
+
 def test_strategy_settings_are_checked_before_training(monkeypatch):
     from dpmedtf.config import TrainingConfig
     from dpmedtf.errors import DpmedtfError

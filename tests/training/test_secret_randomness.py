@@ -89,7 +89,7 @@ def test_release_refuses_a_reproducible_experiment_under_the_default_policy(coho
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump({
         "name": "experiment", "data": {"manifest": str(cohort_manifest), "image_size": 32},
-        "privacy": {"target_epsilon": 8.0, "delta": 1e-3, "unit": "patient", "noise_seed": 3},
+        "privacy": {"target_epsilon": 8.0, "delta": 1e-3, "unit": "patient", "noise_seed": 3, "accountant": "rdp"},
         "training": TRAINING, "evaluation": {"bootstrap_redraws": 20},
         "release": {"private_key": str(tmp_path / "key.pem")}}))
     run = tmp_path / "run"

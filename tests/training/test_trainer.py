@@ -26,12 +26,16 @@ SMALL = {"batch_size": 8, "max_physical_batch": 4}
 
 
 def config(privacy, training=None, model=None):
+    # RDP calibrates in about 2 s where PLD takes 20–30 s on these tiny, high-q runs; tests that are about
+    # the default accountant ask for PLD explicitly.
+    privacy = {"accountant": "rdp", **privacy} if privacy.get("enabled", True) else privacy
     return config_from_mapping({"data": {"image_size": 32}, "privacy": privacy, "model": model or {},
                                 "training": {**SMALL, "epochs": 1, **(training or {})}})
 
 
 def test_epsilon_from_the_saved_ledger_is_the_reported_and_targeted_one(prepared, tmp_path):
-    result = train(config({"target_epsilon": 4.0, "delta": 1e-3, "noise_seed": 3}), prepared, tmp_path)
+    result = train(config({"target_epsilon": 4.0, "delta": 1e-3, "noise_seed": 3, "accountant": "pld"}), prepared,
+                   tmp_path)
     ledger = Ledger.load(tmp_path / "ledger.json")
     summary = json.loads((tmp_path / "training.json").read_text())
     plan = summary["plan"]
@@ -79,7 +83,7 @@ def test_stop_at_budget_trains_only_the_steps_that_fit(prepared, tmp_path):
 
 def test_kill_and_resume_gives_the_uninterrupted_ledger_and_model(cohort_manifest, tmp_path):
     training = {**SMALL, "epochs": 3, "checkpoint_every_steps": 2}
-    privacy = {"target_epsilon": 6.0, "delta": 1e-3, "noise_seed": 11}
+    privacy = {"target_epsilon": 6.0, "delta": 1e-3, "noise_seed": 11, "accountant": "rdp"}
     env = {**os.environ, "TF_DETERMINISTIC_OPS": "1"}
     whole = job_file(tmp_path, cohort_manifest, privacy, training, name="whole")
     assert subprocess.run([DPMEDTF, "train", str(whole), "--out", str(tmp_path / "whole")], env=env,
@@ -158,7 +162,8 @@ def dataclass_steps(cfg, steps):
 
 
 def test_epsilon_sweep_trains_each_target_and_the_baseline_with_shared_settings(cohort_manifest, tmp_path):
-    path = job_file(tmp_path, cohort_manifest, {"epsilon_sweep": [2.0, 8.0], "sweep_non_private": True, "delta": 1e-3},
+    path = job_file(tmp_path, cohort_manifest, {"epsilon_sweep": [2.0, 8.0], "sweep_non_private": True, "delta": 1e-3,
+                                                       "accountant": "rdp"},
                     {**SMALL, "steps": 2}, name="sweep")
     members = dict(sweep_members(load_config(path)))
     assert list(members) == ["epsilon-2", "epsilon-8", "non-private"]
@@ -218,3 +223,25 @@ def test_fast_and_vectorized_engines_train_the_same_model(prepared, tmp_path):
     tf.keras.utils.set_random_seed(0)  # as train() does before building the network
     initial = _build_network(config({"noise_multiplier": 1.0, "delta": 1e-3}), prepared, 8).get_weights()
     assert all(not np.array_equal(a, b) for a, b in zip(models["fast"], initial))  # every weight moved
+
+
+def test_weights_pretrained_without_dp_on_the_same_manifest_are_refused(cohort_manifest, prepared, tmp_path):
+    from dpmedtf.training.trainer import check_pretraining_is_public
+
+    public = load_config(job_file(tmp_path, cohort_manifest, {"enabled": False}, {**SMALL, "steps": 1}, name="public"))
+    baseline = train(public, prepared, tmp_path / "baseline")
+    same_data = load_config(job_file(tmp_path, cohort_manifest, {"target_epsilon": 8.0, "delta": 1e-3},
+                                     {**SMALL, "steps": 1}, name="dp",
+                                     model={"pretrained_weights": str(baseline.model_path)}))
+    with pytest.raises(Exception, match="trained without DP on this job's own manifest"):
+        check_pretraining_is_public(same_data, prepared)
+    with pytest.raises(Exception, match="trained without DP on this job's own manifest"):
+        train(same_data, prepared, tmp_path / "dp")
+    assert not (tmp_path / "dp" / "model.keras").exists()
+    # A copy of the manifest under another name is the same data: refused by content, not only by path.
+    copy = cohort_manifest.with_name("copy.csv")
+    copy.write_bytes(cohort_manifest.read_bytes())
+    renamed = load_config(job_file(tmp_path, copy, {"target_epsilon": 8.0, "delta": 1e-3}, {**SMALL, "steps": 1},
+                                   name="renamed", model={"pretrained_weights": str(baseline.model_path)}))
+    with pytest.raises(Exception, match="own manifest"):
+        check_pretraining_is_public(renamed, prepared)
