@@ -433,8 +433,8 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     labels = prepared.cohort.labels(train_frame)
     tf.keras.utils.set_random_seed(config.training.seed)  # initialisation and augmentation, never the mechanism
     checkpoint = None if force else latest_checkpoint(out_dir / "checkpoints")
-    if checkpoint is not None:
-        _checkpoint_ledger(checkpoint, plan)  # other settings: say so before reading the checkpoint's secret
+    # Other settings: say so before anything else of the checkpoint (its secret) is read.
+    resumed_ledger = _checkpoint_ledger(checkpoint, plan) if checkpoint is not None else None
     secret = broadcast_from_chief(strategy, _run_secret(config, checkpoint))
     positive_weight, negative_weight, count_release = _class_weights(config, plan, labels, train_frame, secret)
     with strategy.scope():  # variables are mirrored on every replica
@@ -449,7 +449,7 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     ledger = _initial_ledger(config, plan, prepared, secret, count_release) if plan.dp else None
     start_step = 0
     if checkpoint is not None:
-        start_step, ledger = _resume(checkpoint, model, plan, ledger, out_dir)
+        start_step, ledger = _resume(checkpoint, model, plan, resumed_ledger, ledger, out_dir)
     check_same_on_every_worker(strategy, {"the number of training records": plan.dataset_size,
                                           "the step to resume at": start_step})
     stop_step = plan.steps
@@ -617,8 +617,7 @@ _SETTINGS_CHANGED = ("{checkpoint} was made with different privacy settings than
 
 
 def _checkpoint_ledger(checkpoint: Path, plan: TrainingPlan) -> Ledger | None:
-    """The checkpoint's ledger, refused unless it was made with this plan's DP-SGD settings. Checked before
-    anything else of the checkpoint is read."""
+    """The checkpoint's ledger, refused unless it was made with this plan's DP-SGD settings."""
     ledger = Ledger.load(checkpoint / "ledger.json") if (checkpoint / "ledger.json").is_file() else None
     if not plan.dp:
         return ledger
@@ -633,9 +632,9 @@ def _checkpoint_ledger(checkpoint: Path, plan: TrainingPlan) -> Ledger | None:
     return ledger
 
 
-def _resume(checkpoint: Path, model: _StepModel, plan: TrainingPlan, fresh_ledger: Ledger | None,
-            out_dir: Path) -> tuple[int, Ledger | None]:
-    ledger = _checkpoint_ledger(checkpoint, plan)
+def _resume(checkpoint: Path, model: _StepModel, plan: TrainingPlan, ledger: Ledger | None,
+            fresh_ledger: Ledger | None, out_dir: Path) -> tuple[int, Ledger | None]:
+    """Restores the checkpoint (whose ``ledger`` ``_checkpoint_ledger`` already checked against the plan)."""
     _checkpoint(model).read(str(checkpoint / "state")).assert_existing_objects_matched()
     step = json.loads((checkpoint / "position.json").read_text())["next_step"]
     if plan.dp:
