@@ -33,12 +33,8 @@ class CountRelease:
     labels: int
     records: int
 
-    @property
-    def noise_multiplier(self) -> float:
-        return self.noise_std / math.sqrt(self.labels)
-
     def dp_event(self) -> dp_accounting.DpEvent:
-        return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        return count_event(self.noise_std, self.labels)
 
     def ledger_release(self) -> Release:
         return Release(RELEASE_NAME, f"per-label positive counts over {self.records} records + N(0, {self.noise_std:g}²) "
@@ -47,7 +43,8 @@ class CountRelease:
 
 
 def count_event(noise_std: float, labels: int) -> dp_accounting.DpEvent:
-    """The DpEvent of releasing ``labels`` counts with this noise (known before any data is read)."""
+    """The DpEvent of releasing ``labels`` counts with this noise (known before any data is read, so the
+    plan calibrates σ with it and the release records the same event)."""
     return dp_accounting.GaussianDpEvent(noise_std / math.sqrt(labels))
 
 

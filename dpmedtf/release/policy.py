@@ -113,9 +113,9 @@ def check_policy(policy: ReleasePolicy, certificate: Mapping[str, Any], fairness
                                     "train again without noise_seed"))
     for use in certificate["non_dp_uses_of_private_data"]:
         if use["private_data_used"] and use["what"] in rules.forbidden_non_dp_uses:
+            fix = "; use training.class_weights: dp_counts" if use["what"] == "class weights" else ""
             violations.append(Violation("privacy.forbidden_non_dp_uses",
-                                        f"{use['what']}: {use['how']} — not covered by ε; use training.class_weights: "
-                                        "dp_counts" if use["what"] == "class weights" else f"{use['what']}: {use['how']}"))
+                                        f"{use['what']}: {use['how']} — not covered by ε{fix}"))
     if certificate["accountant"] not in rules.allowed_accountants:
         violations.append(Violation("privacy.allowed_accountants",
                                     f"accountant {certificate['accountant']!r} is not one of {list(rules.allowed_accountants)}"))
