@@ -11,21 +11,44 @@ from typing import Any
 
 import numpy as np
 
+from dpmedtf.errors import OutputError, RecordError
+
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); check that its folder is writable, or "
+                          "choose another output directory") from None
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=2)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); free disk space or choose another "
+                          "output directory") from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON object dpmedtf wrote earlier, or RecordError saying which file is damaged and what to do."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc}); restore it, or delete it "
+                          "(and what it describes) to redo that step") from None
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: {what} must be a JSON object, got {type(data).__name__}; restore it, or delete "
+                          "it to redo that step")
+    return data
 
 
 def json_safe(value):

@@ -31,7 +31,7 @@ import pandas as pd
 
 from dpmedtf.data import radiograph, volume
 from dpmedtf.data.manifests import Cohort
-from dpmedtf.errors import DataError
+from dpmedtf.errors import ConfigError, DataError, OutputError, RecordError
 
 CACHE_FORMAT = 1
 Progress = Callable[[int, int], None]
@@ -46,6 +46,18 @@ class PreprocessSpec:
     volume_shape: tuple[int, int, int] = volume.DEFAULT_VOLUME_SHAPE
     hu_window: tuple[float, float] = volume.DEFAULT_HU_WINDOW
     dicom_decoder: str = "tensorflow-io"
+
+    def __post_init__(self):
+        if self.modality not in ("radiograph", "volume"):
+            raise ConfigError(f"modality must be radiograph or volume, got {self.modality!r}")
+        if self.dicom_decoder not in radiograph.DICOM_DECODERS:
+            raise ConfigError(f"dicom_decoder (data.dicom_decoder, --dicom-decoder) must be one of "
+                              f"{', '.join(radiograph.DICOM_DECODERS)}, got {self.dicom_decoder!r}")
+        if self.modality == "radiograph" and self.image_size < radiograph.MIN_SOURCE_PIXELS:
+            raise ConfigError(f"image size (data.image_size, --image-size) must be ≥ {radiograph.MIN_SOURCE_PIXELS}, "
+                              f"got {self.image_size}")
+        if self.modality == "volume":
+            volume.check_parameters(self.volume_shape, self.hu_window)
 
     def as_dict(self) -> dict:
         if self.modality == "radiograph":
@@ -91,8 +103,12 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
     directory = cache_root / f"{spec.modality}-{_cache_key(cohort, spec, skip_bad)}"
     if (directory / "meta.json").is_file():
         return _load(directory, cohort, spec)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_root))
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_root))
+    except OSError as exc:
+        raise OutputError(f"{cache_root}: cannot create the cache directory ({exc.strerror or exc}); choose another "
+                          "--cache or data.cache_dir") from None
     try:
         array = np.lib.format.open_memmap(staging / "data.npy", mode="w+", dtype=spec.dtype,
                                           shape=(len(cohort.frame), *spec.item_shape))
@@ -116,6 +132,12 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
             if not (directory / "meta.json").is_file():
                 raise
             shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(f"{cache_root}: cannot write the cache ({exc.strerror or exc}); free disk space or choose "
+                          "another --cache or data.cache_dir") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -123,8 +145,14 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
 
 
 def _load(directory: Path, cohort: Cohort, spec: PreprocessSpec) -> PreparedData:
-    quarantine = pd.read_csv(directory / "quarantine.csv", dtype={"split": str})
-    array = np.load(directory / "data.npy", mmap_mode="r")
+    try:
+        quarantine = pd.read_csv(directory / "quarantine.csv", dtype={"split": str})
+        array = np.load(directory / "data.npy", mmap_mode="r")
+        if array.shape != (len(cohort.frame), *spec.item_shape) or "path" not in quarantine.columns:
+            raise ValueError(f"holds {array.shape}, expected {(len(cohort.frame), *spec.item_shape)}")
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise RecordError(f"{directory}: the prepared-data cache is damaged ({type(exc).__name__}: {exc}); delete "
+                          "this directory and run again to rebuild it") from None
     keep = ~cohort.frame["path"].isin(set(quarantine["path"]))
     kept = dataclasses.replace(cohort, frame=cohort.frame[keep])
     # Quarantined rows stay in the array (zeros) so row numbers never shift; the cohort's index maps.
@@ -199,7 +227,7 @@ def _prepare_radiographs(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray
         except tf.errors.OpError as exc:
             # Deterministic order: the element that failed is the one after the last received.
             position = todo[received]
-            message = exc.message.strip().splitlines()[0] if exc.message else type(exc).__name__
+            message = radiograph.tf_error_text(exc)
             _fail(cohort, cohort.frame.index[position],
                   f"{infos[position].path}: cannot decode the image with "
                   f"{radiograph.DECODER_NAMES[infos[position].decoder]} ({message})", failed, skip_bad)

@@ -56,8 +56,7 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
                   split_seed: int = 0) -> Cohort:
     """Reads and validates a manifest; splits patient-wise when it has no ``split`` column."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found; give the path of the CSV file")
+    _require_file(path)
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -67,8 +66,11 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
     required = [PATH_COLUMN[modality], "patient_id", "sex", "age", *label_names]
     missing = [c for c in required if c not in raw.columns]
     if missing:
+        other = next((m for m, column in PATH_COLUMN.items() if m != modality and column in raw.columns), None)
+        hint = (f" (its {PATH_COLUMN[other]} column makes it a {other} manifest: set data.modality: {other})"
+                if other else "")
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {modality} manifest needs "
-                        f"{', '.join(required)} and optionally split")
+                        f"{', '.join(required)} and optionally split{hint}")
     if raw.empty:
         raise DataError(f"{path}: the manifest has no rows")
 
@@ -120,8 +122,16 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
                   split_stratified_on_labels="split" not in raw.columns)
 
 
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give the path of the manifest CSV file inside it")
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found; give the path of the CSV file")
+
+
 def detect_modality(path: str | Path) -> Modality:
     """'radiograph' or 'volume', from the manifest's path column."""
+    _require_file(Path(path))
     try:
         columns = [c.strip() for c in pd.read_csv(path, nrows=0).columns]
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -130,6 +140,27 @@ def detect_modality(path: str | Path) -> Modality:
         if column in columns:
             return modality
     raise DataError(f"{path}: has neither an image_path (radiographs) nor a volume_path (CT) column")
+
+
+def check_files_exist(cohort: Cohort) -> None:
+    """DataError listing every row whose image or volume does not exist (checked before any decoding)."""
+    missing = [f"line {row.line}: {row.path} not found" for row in cohort.frame.itertuples()
+               if not Path(row.path).exists()]
+    column = PATH_COLUMN[cohort.modality]
+    _raise_problems(cohort.source, missing, f"fix {column} (relative paths are relative to the CSV's folder), "
+                                            "remove the rows, or set data.skip_bad: true to quarantine them")
+
+
+def require_split(cohort: Cohort, split: str, needed_for: str) -> None:
+    """DataError unless ``split`` has at least one row; says where the rows went and how to fix it."""
+    if (cohort.frame["split"] == split).any():
+        return
+    counts = cohort.frame["split"].value_counts()
+    where = ", ".join(f"{n} in {name}" for name, n in counts.items()) or "none"
+    fix = (f"put some patients' rows in split {split} in the manifest's split column"
+           if not cohort.split_stratified_on_labels
+           else f"add patients to the manifest or raise the {split} share of data.split_fractions")
+    raise DataError(f"{cohort.source}: the {split} split is empty (rows: {where}), but {needed_for} needs it; {fix}")
 
 
 def _parse_binary(value) -> int:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from dpmedtf.data import radiograph
 from dpmedtf.data.cache import PreparedData
+from dpmedtf.data.manifests import require_split
 from dpmedtf.data.sampling import Shard
+from dpmedtf.errors import ConfigError, DataError
 
 
 def training_dataset(prepared: PreparedData, split: str, shards: Iterable[Shard], augment: bool = False,
@@ -41,7 +44,8 @@ def training_dataset(prepared: PreparedData, split: str, shards: Iterable[Shard]
         images = model_inputs(images, prepared.spec.modality, volume_channels)
         if augment:
             if prepared.spec.modality != "radiograph":
-                raise ValueError("augmentation is defined for radiographs only")
+                raise ConfigError("training.augment: augmentation (rotation and flip) is defined for radiographs "
+                                  "only; set it false for CT volumes")
             images = radiograph.augment(images, tf.stack([tf.constant(seed, tf.int64), step]),
                                         example_ids=indices, population=len(rows))
         return {"images": images, "labels": batch_labels, "step": step}
@@ -69,7 +73,11 @@ def split_rows(prepared: PreparedData, split: str) -> np.ndarray:
     """Array rows of one split, in cohort order."""
     rows = prepared.cohort.frame.index[prepared.cohort.frame["split"] == split].to_numpy(np.int64)
     if len(rows) == 0:
-        raise ValueError(f"the {split} split is empty")
+        quarantined = int((prepared.quarantine.get("split", pd.Series(dtype=str)) == split).sum())
+        if quarantined:
+            raise DataError(f"{prepared.cohort.source}: every row of the {split} split ({quarantined}) was "
+                            f"quarantined as unreadable (see {prepared.directory / 'quarantine.csv'}); fix those files")
+        require_split(prepared.cohort, split, "this step")
     return rows
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from dpmedtf.errors import DataError
+from dpmedtf.errors import ConfigError, DataError, OutputError
 
 DEFAULT_IMAGE_SIZE = 512
 MIN_SOURCE_PIXELS = 32  # an image smaller than this on a side is not a radiograph
@@ -57,15 +58,21 @@ class SourceInfo:
 def inspect_radiograph(path: str | os.PathLike, dicom_decoder: str = "tensorflow-io") -> SourceInfo:
     """Checks a file can be a radiograph and picks its decoder; DataError with the reason otherwise."""
     if dicom_decoder not in DICOM_DECODERS:
-        raise ValueError(f"dicom_decoder must be one of {DICOM_DECODERS}, got {dicom_decoder!r}")
+        raise ConfigError(f"dicom_decoder (data.dicom_decoder, --dicom-decoder) must be one of "
+                          f"{', '.join(DICOM_DECODERS)}, got {dicom_decoder!r}")
     path = str(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; a radiograph is one PNG, JPEG or DICOM file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
-    size = os.path.getsize(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions") from None
     if size == 0:
         raise DataError(f"{path}: file is empty (0 bytes)")
-    with open(path, "rb") as handle:
-        head = handle.read(132)
     if head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC):
         return SourceInfo(path, DECODER_TF_IMAGE, -1, -1)  # tf.io checks the rest while decoding
     return _inspect_dicom(path, size, head[128:132] == b"DICM", dicom_decoder)
@@ -73,12 +80,21 @@ def inspect_radiograph(path: str | os.PathLike, dicom_decoder: str = "tensorflow
 
 def _inspect_dicom(path: str, size: int, has_preamble: bool, dicom_decoder: str) -> SourceInfo:
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
-    except (InvalidDicomError, ValueError, TypeError, EOFError, OSError) as exc:
+    except Exception as exc:  # InvalidDicomError, EOFError, struct and value errors, … for a damaged file
         raise DataError(f"{path}: not a PNG, JPEG or readable DICOM image ({type(exc).__name__}: {exc})") from None
+    try:
+        return _dicom_source_info(path, size, ds, dicom_decoder)
+    except DataError:
+        raise
+    except Exception as exc:  # a damaged header makes pydicom raise many types while reading elements
+        raise DataError(f"{path}: DICOM header cannot be read ({type(exc).__name__}: {exc}); re-export or "
+                        "re-copy the file") from None
+
+
+def _dicom_source_info(path: str, size: int, ds, dicom_decoder: str) -> SourceInfo:
     if "Rows" not in ds or "Columns" not in ds:
         raise DataError(f"{path}: not a PNG, JPEG or DICOM image (no image header found)")
     rows, columns = int(ds.Rows), int(ds.Columns)
@@ -245,14 +261,26 @@ def preprocess_file(path: str | os.PathLike, image_size: int = DEFAULT_IMAGE_SIZ
         raw = decode(tf.constant(info.path), tf.constant(info.decoder), tf.constant(info.rows), tf.constant(info.columns))
     except tf.errors.OpError as exc:
         raise DataError(f"{path}: cannot decode the image with {DECODER_NAMES[info.decoder]} "
-                        f"({exc.message.splitlines()[0]})") from None
+                        f"({tf_error_text(exc)})") from None
     if min(raw.shape) < MIN_SOURCE_PIXELS:
         raise DataError(f"{path}: image is {raw.shape[0]}×{raw.shape[1]} pixels; too small to be a radiograph")
     return preprocess(raw, image_size).numpy()
 
 
+def tf_error_text(exc: tf.errors.OpError) -> str:
+    """The reason in a TensorFlow op error, without its graph-node prefix and op suffix."""
+    text = (exc.message or "").strip().splitlines()[0] if (exc.message or "").strip() else ""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:\w+\].*$", "", text).strip()
+    return text or type(exc).__name__
+
+
 def save_png(image: np.ndarray, out: str | os.PathLike) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(tf.io.encode_png(np.asarray(image)[..., None] if image.ndim == 2 else image).numpy())
+    data = tf.io.encode_png(np.asarray(image)[..., None] if image.ndim == 2 else image).numpy()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the PNG ({exc.strerror or exc}); choose another --out") from None
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpmedtf.errors import DataError
+from dpmedtf.errors import ConfigError, DataError, OutputError
 
 DEFAULT_VOLUME_SHAPE = (224, 224, 128)  # (H, W, D), as the paper states it
 DEFAULT_HU_WINDOW = (-150.0, 250.0)
@@ -49,8 +49,15 @@ def load_hu(path: str | os.PathLike) -> np.ndarray:
         image = image.slicer[..., 0]
     if image.ndim != 3:
         raise DataError(f"{path}: volume has {image.ndim} dimensions {tuple(image.shape)}; a CT volume has 3")
-    canonical = nib.as_closest_canonical(image)
-    hu = np.asarray(canonical.get_fdata(dtype=np.float32))
+    if min(image.shape) < 1:
+        raise DataError(f"{path}: volume has shape {tuple(image.shape)}, so no voxels (an empty export?); "
+                        "re-export the volume")
+    try:
+        canonical = nib.as_closest_canonical(image)
+        hu = np.asarray(canonical.get_fdata(dtype=np.float32))
+    except Exception as exc:  # a degenerate affine (zeros, NaN) has no orientation
+        raise DataError(f"{path}: the volume's orientation (affine) is unusable ({type(exc).__name__}: {exc}); "
+                        "fix the conversion that produced it") from None
     if not np.isfinite(hu).all():
         raise DataError(f"{path}: volume contains {int((~np.isfinite(hu)).sum())} NaN/Inf voxel(s); "
                         "fix the conversion that produced it")
@@ -61,7 +68,6 @@ def load_hu(path: str | os.PathLike) -> np.ndarray:
 def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(columns, rows, slices) HU array and its RAS affine, from the DICOM files in ``folder``."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
@@ -71,7 +77,10 @@ def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             ds = pydicom.dcmread(file, force=file.suffix.lower() != ".dcm")
             ds.Rows  # noqa: B018  (a file without an image header fails here)
-        except (InvalidDicomError, AttributeError, EOFError, ValueError, OSError) as exc:
+        except AttributeError:
+            raise DataError(f"{file}: not a DICOM image slice (no image header); a series folder must hold only "
+                            "the slices of one series") from None
+        except Exception as exc:  # InvalidDicomError, EOFError, struct and value errors, … for a damaged file
             raise DataError(f"{file}: not a readable DICOM slice ({type(exc).__name__}: {exc})") from None
         if "PixelData" not in ds:
             raise DataError(f"{file}: DICOM has no pixel data; remove it from the series folder")
@@ -79,10 +88,16 @@ def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise DataError(f"{folder}: holds {len(series)} different series; give each series its own folder")
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
-        slices, positions, orientation, spacing = _enhanced_frames(datasets[0], files[0])
-    else:
-        slices, positions, orientation, spacing = _classic_slices(datasets, files)
+    try:
+        if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+            slices, positions, orientation, spacing = _enhanced_frames(datasets[0], files[0])
+        else:
+            slices, positions, orientation, spacing = _classic_slices(datasets, files)
+    except DataError:
+        raise
+    except Exception as exc:  # malformed geometry elements (wrong count, not numbers, missing sequences)
+        raise DataError(f"{folder}: the series' geometry (positions, orientation, spacing) cannot be read "
+                        f"({type(exc).__name__}: {exc}); re-export the series") from None
     row_cosine, column_cosine = orientation[:3], orientation[3:]
     normal = np.cross(row_cosine, column_cosine)
     order = np.argsort(positions @ normal, kind="stable")
@@ -192,8 +207,19 @@ def _resize_axis(array: np.ndarray, size: int, axis: int) -> np.ndarray:
     return np.take(array, low, axis=axis) * (1 - weight) + np.take(array, high, axis=axis) * weight
 
 
+def check_parameters(volume_shape, hu_window) -> None:
+    """ConfigError unless the shape is three sizes ≥ 1 and the window's low is below its high."""
+    if len(volume_shape) != 3 or any(int(size) < 1 for size in volume_shape):
+        raise ConfigError(f"volume shape (--shape, data.volume_shape) must be three sizes H W D ≥ 1, "
+                          f"got {list(volume_shape)}")
+    low, high = hu_window
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ConfigError(f"HU window (--hu-window, data.hu_window) must be two numbers LOW < HIGH, got {[low, high]}")
+
+
 def preprocess(hu: np.ndarray, volume_shape=DEFAULT_VOLUME_SHAPE, hu_window=DEFAULT_HU_WINDOW) -> np.ndarray:
     """HU (D, H, W) → float32 (D, H, W) in [0, 1], resized to ``volume_shape`` given as (H, W, D)."""
+    check_parameters(volume_shape, hu_window)
     height, width, depth = volume_shape
     return resize_trilinear(window(hu, hu_window), (depth, height, width))
 
@@ -201,7 +227,28 @@ def preprocess(hu: np.ndarray, volume_shape=DEFAULT_VOLUME_SHAPE, hu_window=DEFA
 def preprocess_file(path: str | os.PathLike, volume_shape=DEFAULT_VOLUME_SHAPE,
                     hu_window=DEFAULT_HU_WINDOW) -> np.ndarray:
     """One NIfTI file or DICOM folder to what the model sees (before channel expansion)."""
+    check_parameters(volume_shape, hu_window)  # before the read: a bad option is not the file's fault
     return preprocess(load_hu(path), volume_shape, hu_window)
+
+
+OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".npy")
+
+
+def check_output_path(out: str | os.PathLike) -> None:
+    """ConfigError unless ``out`` names a NIfTI (.nii, .nii.gz) or NumPy (.npy) file."""
+    if not str(out).lower().endswith(OUTPUT_SUFFIXES):
+        raise ConfigError(f"{out}: a preprocessed volume is written as {', '.join(OUTPUT_SUFFIXES)}; "
+                          "give --out one of those suffixes")
+
+
+def save_npy(volume: np.ndarray, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, volume)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the volume ({exc.strerror or exc}); choose another --out") from None
+    return out
 
 
 def save_nifti(volume: np.ndarray, out: str | os.PathLike) -> Path:
@@ -209,8 +256,13 @@ def save_nifti(volume: np.ndarray, out: str | os.PathLike) -> Path:
     import nibabel as nib
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.name.lower().endswith(_NIFTI_SUFFIXES):
+        raise ConfigError(f"{out}: a NIfTI file name ends in .nii or .nii.gz")
     # (D, H, W) = (z ↑, rows anterior→posterior, columns right→left) back to RAS voxel axes.
     ras = np.ascontiguousarray(volume.transpose(2, 1, 0)[::-1, ::-1, :])
-    nib.save(nib.Nifti1Image(ras.astype(np.float32), np.eye(4)), str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(ras.astype(np.float32), np.eye(4)), str(out))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the volume ({exc.strerror or exc}); choose another --out") from None
     return out

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from dpmedtf.errors import ModelError
 from dpmedtf.models.acs import ACSConv
 
 PAPER_WIDTHS = (64, 128, 256, 512)
@@ -33,15 +34,17 @@ def build_resnet9(input_shape: Sequence[int], num_outputs: int, activation: str 
     """GroupNorm ResNet9: 2D for ``input_shape`` (H, W, C), ACS-3D for (D, H, W, C). Outputs logits."""
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) not in (3, 4):
-        raise ValueError(f"input_shape must be (H, W, C) or (D, H, W, C), got {input_shape}")
+        raise ModelError(f"input_shape must be (H, W, C) or (D, H, W, C), got {input_shape}")
     if any(s < MIN_INPUT_SIZE for s in input_shape[:-1]):
-        raise ValueError(f"every spatial size must be ≥ {MIN_INPUT_SIZE} (five halvings), got {input_shape[:-1]}")
+        raise ModelError(f"every spatial size must be ≥ {MIN_INPUT_SIZE} (five halvings), got {input_shape[:-1]}; "
+                         "raise data.image_size or data.volume_shape")
     if activation not in ("mish", "relu"):
-        raise ValueError(f"activation must be 'mish' or 'relu', got {activation!r}")
+        raise ModelError(f"activation must be 'mish' or 'relu', got {activation!r} (model.activation)")
     if len(widths) != 4 or any(w % groups for w in widths):
-        raise ValueError(f"widths must be 4 stage widths divisible by groups={groups}, got {tuple(widths)}")
+        raise ModelError(f"widths must be 4 stage widths divisible by groups={groups}, got {tuple(widths)}; "
+                         "set model.groups to a divisor of every width, e.g. 32")
     if num_outputs < 1:
-        raise ValueError(f"num_outputs must be ≥ 1, got {num_outputs}")
+        raise ModelError(f"num_outputs must be ≥ 1, got {num_outputs}")
     ops = _Ops(volumetric=len(input_shape) == 4, activation=activation, groups=groups)
 
     inputs = tf.keras.Input(input_shape, name="image")
@@ -104,12 +107,12 @@ def convert_to_acs(model_2d: tf.keras.Model, input_shape: Sequence[int], num_out
     """
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4:
-        raise ValueError(f"input_shape must be a volume's (D, H, W, C), got {input_shape}")
+        raise ModelError(f"input_shape must be a volume's (D, H, W, C), got {input_shape}")
     arch = describe_resnet9(model_2d)
     if arch["volumetric"]:
-        raise ValueError(f"{model_2d.name} is already a 3D model")
+        raise ModelError(f"{model_2d.name} is already a 3D model; load it directly instead of converting it")
     if input_shape[-1] != arch["input_channels"]:
-        raise ValueError(f"the 2D model takes {arch['input_channels']} channel(s) but the volume has "
+        raise ModelError(f"the 2D model takes {arch['input_channels']} channel(s) but the volume has "
                          f"{input_shape[-1]}; give the volume input the same number of channels")
     head_2d = model_2d.get_layer("logits")
     num_outputs = num_outputs or head_2d.units
@@ -129,7 +132,8 @@ def describe_resnet9(model: tf.keras.Model) -> dict:
         widths = tuple(int(model.get_layer(f"stage{i}_conv2").get_config()["filters"]) for i in range(1, 5))
         activation = model.get_layer("stem_act").get_config()["activation"]
     except ValueError as exc:
-        raise ValueError(f"{model.name} is not a dpmedtf ResNet9 ({exc})") from exc
+        raise ModelError(f"{model.name} is not a dpmedtf ResNet9 ({exc}); model.pretrained_weights must be a model "
+                         "dpmedtf trained (a ResNet9 .keras file)") from None
     return {"volumetric": isinstance(stem_conv, ACSConv), "activation": activation,
             "groups": int(stem_gn.groups), "widths": widths,
             "scale_norm": any(layer.name.endswith("_scale_gn") for layer in model.layers),

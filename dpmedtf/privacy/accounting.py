@@ -198,12 +198,48 @@ def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str
     return epsilon, dict(details)
 
 
+MAX_ACCOUNTED_EPSILON = 1000.0
+"""Above this (by the cheap RDP bound) PLD is not attempted: its grid grows with the privacy loss until
+it takes minutes and gigabytes (σ = 0.01 exhausts memory), for an ε that means no privacy anyway."""
+
+
+class EpsilonOutOfRangeError(PrivacyParameterError):
+    """A schedule so extreme that the accountant cannot evaluate it."""
+
+
+class EpsilonTooLargeError(EpsilonOutOfRangeError):
+    """ε above ``MAX_ACCOUNTED_EPSILON``: far too little noise for any meaningful guarantee."""
+
+
 def _epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str) -> tuple[float, dict]:
-    acc = make_accountant(accountant).compose(event)
-    if accountant == "rdp":
-        eps, order = acc.get_epsilon_and_optimal_order(delta)
-        return float(eps), {"rdp_optimal_order": float(order)}
-    return float(acc.get_epsilon(delta)), {}
+    try:
+        if accountant == "pld":
+            _refuse_unresolvable(event, delta)
+        acc = make_accountant(accountant).compose(event)
+        if accountant == "rdp":
+            eps, order = acc.get_epsilon_and_optimal_order(delta)
+            return float(eps), {"rdp_optimal_order": float(order)}
+        return float(acc.get_epsilon(delta)), {}
+    except PrivacyParameterError:
+        raise
+    except (ArithmeticError, ValueError, TypeError, MemoryError) as exc:  # dp_accounting on extreme inputs
+        raise EpsilonOutOfRangeError(
+            f"the {accountant} accountant cannot evaluate this schedule at δ = {delta:g} ({type(exc).__name__}: "
+            f"{exc}); use a noise multiplier between {SIGMA_SEARCH_MIN:g} and {SIGMA_SEARCH_MAX:g}, a realistic "
+            "number of steps and δ well above 1e-100") from None
+
+
+def _refuse_unresolvable(event: dp_accounting.DpEvent, delta: float) -> None:
+    rdp = make_accountant("rdp")
+    if not rdp.supports(event):
+        return
+    bound = rdp.compose(event).get_epsilon(delta)
+    if not bound <= MAX_ACCOUNTED_EPSILON:
+        raise EpsilonTooLargeError(
+            f"ε would exceed {MAX_ACCOUNTED_EPSILON:g} (RDP bound {bound:.4g} at δ = {delta:g}): such a run gives no "
+            "meaningful privacy, and the PLD accountant would need minutes and gigabytes to say how little; add "
+            "noise (a larger noise multiplier), take fewer steps or a smaller sampling rate, or ask the rdp "
+            "accountant for its loose value")
 
 
 DEFAULT_ACCOUNTANT = "pld"
@@ -222,6 +258,11 @@ def compute_epsilon(schedule: DpSgdSchedule, delta: float, accountant: str = DEF
     """ε spent after ``schedule.steps`` steps (and ``prior_event``, if any), at δ."""
     check_delta(delta, schedule.dataset_size, allow_large_delta)
     eps, details = epsilon_of_event(with_prior_releases(schedule.dp_event(), prior_event), delta, accountant)
+    if not math.isfinite(eps):
+        raise EpsilonOutOfRangeError(
+            f"the {accountant} accountant finds no finite ε at δ = {delta:g} for this schedule (σ = "
+            f"{schedule.noise_multiplier:g}, q = {schedule.sampling_rate:.4g}, {schedule.steps} steps); choose a "
+            "larger δ or add noise")
     return PrivacyAccounting(schedule, float(delta), eps, accountant, details)
 
 
@@ -250,8 +291,11 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, dataset_size
 
     def accounted(sigma: float) -> tuple[float, dict]:
         if sigma not in evaluated:
-            evaluated[sigma] = epsilon_of_event(with_prior_releases(dp_sgd_event(q, sigma, steps), prior_event),
-                                                delta, accountant)
+            try:
+                evaluated[sigma] = epsilon_of_event(with_prior_releases(dp_sgd_event(q, sigma, steps), prior_event),
+                                                    delta, accountant)
+            except EpsilonTooLargeError:
+                evaluated[sigma] = (math.inf, {})  # far too little noise for any target: the search moves on
         return evaluated[sigma]
 
     def epsilon_at(sigma: float) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 
 import dp_accounting
 
+from dpmedtf.errors import RecordError
 from dpmedtf.files import write_json_atomic
 from dpmedtf.privacy import accounting
 
@@ -150,15 +151,22 @@ class Ledger:
         return data
 
     @classmethod
-    def from_json_dict(cls, data: dict[str, Any]) -> "Ledger":
+    def from_json_dict(cls, data: dict[str, Any], source: str = "ledger") -> "Ledger":
+        if not isinstance(data, dict):
+            raise RecordError(f"{source}: a privacy ledger is a JSON object, got {type(data).__name__}")
         if data.get("format") not in _READABLE_FORMATS:
-            raise ValueError(f"unsupported ledger format {data.get('format')!r}")
-        return cls(dataset_size=data["dataset_size"], batch_size=data["batch_size"], delta=data["delta"],
-                   accountant=data["accountant"], unit_of_privacy=data["unit_of_privacy"],
-                   epsilon_budget=data.get("epsilon_budget"),
-                   segments=tuple(Segment(**s) for s in data["segments"]),
-                   releases=tuple(Release(**r) for r in data.get("releases", ())),
-                   non_dp_uses=tuple(data.get("non_dp_uses", ())), notes=dict(data.get("notes", {})))
+            raise RecordError(f"{source}: unsupported ledger format {data.get('format')!r} (this dpmedtf reads "
+                              f"formats {list(_READABLE_FORMATS)}); use the dpmedtf version that wrote it")
+        try:
+            return cls(dataset_size=data["dataset_size"], batch_size=data["batch_size"], delta=data["delta"],
+                       accountant=data["accountant"], unit_of_privacy=data["unit_of_privacy"],
+                       epsilon_budget=data.get("epsilon_budget"),
+                       segments=tuple(Segment(**s) for s in data["segments"]),
+                       releases=tuple(Release(**r) for r in data.get("releases", ())),
+                       non_dp_uses=tuple(data.get("non_dp_uses", ())), notes=dict(data.get("notes", {})))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RecordError(f"{source}: the privacy ledger is incomplete or edited ({type(exc).__name__}: {exc}); "
+                              "a ledger must be exactly as training wrote it: restore it or train again") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic: written beside the target and renamed over it, so a crash never leaves half a ledger."""
@@ -166,4 +174,9 @@ class Ledger:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Ledger":
-        return cls.from_json_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RecordError(f"{path}: cannot read the privacy ledger ({type(exc).__name__}: {exc}); restore the "
+                              "file as training wrote it, or train again") from None
+        return cls.from_json_dict(data, str(path))

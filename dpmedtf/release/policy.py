@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,8 +70,8 @@ def load_policy(path: str | os.PathLike | None = None) -> ReleasePolicy:
     path = Path(path) if path is not None else release_file(DEFAULT_POLICY)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read release policy {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read release policy {path} (release.policy, --policy): {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a release policy is a mapping with sections privacy, export, fairness")
     sections = {"privacy": PrivacyRules, "export": ExportRules, "fairness": FairnessRules}
@@ -81,11 +82,39 @@ def load_policy(path: str | os.PathLike | None = None) -> ReleasePolicy:
     for name, cls in sections.items():
         section = data.get(name) or {}
         allowed = {f.name for f in fields(cls)}
-        if not isinstance(section, dict) or set(section) - allowed:
-            raise ConfigError(f"{path}: {name} has unknown rule(s) {sorted(set(section) - allowed)}; "
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {name} must be a mapping of rules ({', '.join(sorted(allowed))}), "
+                              f"got {section!r}")
+        if set(section) - allowed:
+            raise ConfigError(f"{path}: {name} has unknown rule(s) {sorted(map(str, set(section) - allowed))}; "
                               f"allowed: {sorted(allowed)}")
-        parsed[name] = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+        hints = typing.get_type_hints(cls)
+        parsed[name] = cls(**{k: _rule_value(path, f"{name}.{k}", v, hints[k]) for k, v in section.items()})
     return ReleasePolicy(**parsed, source=str(path))
+
+
+def _rule_value(path: Path, key: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the rule's type: a mistyped limit must not silently disable the rule."""
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None and optional:
+        return None
+    if base is bool:
+        ok = isinstance(value, bool)
+        wanted = "true or false"
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        wanted = "a whole number"
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    else:  # tuple[str, ...]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        wanted = "a list of names"
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ConfigError(f"{path}: {key} must be {wanted}{' or null' if optional else ''}, got {value!r}")
+    return float(value) if base is float else value
 
 
 def check_policy(policy: ReleasePolicy, certificate: Mapping[str, Any], fairness_report: Mapping[str, Any],

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from dpmedtf.errors import DpmedtfError
+from dpmedtf.errors import DataError, DpmedtfError, OutputError, OutputExistsError
 from dpmedtf.release import export
 from dpmedtf.release.layout import CERTIFICATE_FILE, METADATA_FILE, MODEL_FILE
 from dpmedtf.release.verify import BundleVerificationError, VerificationReport, verify_bundle
@@ -81,6 +81,16 @@ def load(path: str | os.PathLike, public_key: str | os.PathLike | None = None) -
     return LoadedBundle(path, export.session((path / MODEL_FILE).read_bytes()), metadata, certificate, report)
 
 
+def check_inputs_exist(inputs: Sequence[str | os.PathLike]) -> None:
+    """DataError naming every input that does not exist: checked before the bundle is loaded and verified."""
+    if not inputs:
+        raise DataError("no inputs given; name the radiographs (or CT volumes) to predict on")
+    missing = [str(path) for path in inputs if not Path(path).exists()]
+    if missing:
+        raise DataError(f"{len(missing)} input(s) not found: {', '.join(missing[:10])}"
+                        + (" …" if len(missing) > 10 else "") + "; check the paths (nothing was predicted or written)")
+
+
 def predict_files(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike], progress=None,
                   save_inputs: str | os.PathLike | None = None) -> pd.DataFrame:
     """One row per input: its path, per label ``<label>_prob`` and ``<label>_label`` (thresholded).
@@ -90,8 +100,7 @@ def predict_files(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike], pro
     preprocessed input as raw little-endian float32 (``<n>.f32`` plus ``inputs.json`` with shapes), so
     any other ONNX runtime can be checked against these probabilities.
     """
-    if not inputs:
-        raise DpmedtfError("no inputs given")
+    check_inputs_exist(inputs)
     arrays = []
     for done, path in enumerate(inputs, 1):
         arrays.append(bundle.preprocess(path))
@@ -112,22 +121,31 @@ def predict_files(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike], pro
 
 
 def _save_inputs(directory: Path, inputs, stacked: np.ndarray) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for i, (path, array) in enumerate(zip(inputs, stacked)):
-        name = f"{i}.f32"
-        array.astype("<f4").tofile(directory / name)
-        entries.append({"input": str(path), "file": name, "shape": [1, *array.shape]})
-    (directory / "inputs.json").write_text(json.dumps(entries, indent=2) + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for i, (path, array) in enumerate(zip(inputs, stacked)):
+            name = f"{i}.f32"
+            array.astype("<f4").tofile(directory / name)
+            entries.append({"input": str(path), "file": name, "shape": [1, *array.shape]})
+        (directory / "inputs.json").write_text(json.dumps(entries, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot write the preprocessed inputs ({exc.strerror or exc}); choose "
+                          "another --save-inputs") from None
 
 
 def write_predictions(frame: pd.DataFrame, out: str | os.PathLike, force: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not force:
-        raise DpmedtfError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        raise OutputExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     partial = out.with_name(f".{out.name}.partial")
-    frame.to_csv(partial, index=False)
-    os.replace(partial, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(partial, index=False)
+        os.replace(partial, out)
+    except OSError as exc:
+        if partial.parent.is_dir():
+            partial.unlink(missing_ok=True)
+        raise OutputError(f"{out}: cannot write the predictions ({exc.strerror or exc}); choose another --out") from None
     return out
 

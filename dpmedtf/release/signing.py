@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from dpmedtf.errors import DpmedtfError
+from dpmedtf.errors import DpmedtfError, OutputError
 
 SIGNATURE_FILE = "model.sig"
 PASSWORD_ENVIRONMENT = "DPMEDTF_SIGNING_KEY_PASSWORD"
@@ -38,12 +38,16 @@ def generate_keypair(private_key: str | os.PathLike, public_key: str | os.PathLi
     private_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     public_bytes = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    private_key.parent.mkdir(parents=True, exist_ok=True)
-    public_key.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(private_bytes)
-    public_key.write_bytes(public_bytes)
+    try:
+        private_key.parent.mkdir(parents=True, exist_ok=True)
+        public_key.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(private_bytes)
+        public_key.write_bytes(public_bytes)
+    except OSError as exc:
+        raise OutputError(f"{exc.filename or private_key}: cannot write the key ({exc.strerror or exc}); choose "
+                          "another --private-key/--public-key in a writable folder") from None
     return fingerprint(public_key)
 
 

@@ -72,9 +72,14 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
     documents = {}
     for name in (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE):
         try:
-            documents[name] = json.loads((bundle / name).read_text())
+            document = json.loads((bundle / name).read_text())
         except (OSError, ValueError) as exc:
             report.failures.append(f"{name}: not readable JSON ({exc.__class__.__name__}: {exc})")
+            continue
+        if isinstance(document, dict):
+            documents[name] = document
+        else:
+            report.failures.append(f"{name}: must be a JSON object, got {type(document).__name__}")
     certificate, metadata = documents.get(CERTIFICATE_FILE), documents.get(METADATA_FILE)
     if certificate is not None and report.check(
             "privacy certificate matches its schema",
@@ -110,12 +115,20 @@ def _sum_problems(bundle: Path) -> list[str]:
             problems.append(f"{SUMS_FILE}: unexpected entry {name!r}")
         elif not path.is_file():
             problems.append(f"{name}: listed in {SUMS_FILE} but missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{name}: SHA-256 differs from {SUMS_FILE} (the file changed after release)")
+        elif _digest(path) != digest:
+            problems.append(f"{name}: SHA-256 differs from {SUMS_FILE} (the file changed after release, "
+                            "or cannot be read)")
     for path in sorted(bundle.iterdir()):
         if path.name not in listed and path.name not in UNSUMMED:
             problems.append(f"{path.name}: not listed in {SUMS_FILE} (added after release)")
     return problems
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:  # unreadable (permissions): it cannot be the file that was released
+        return None
 
 
 def _check_signature(bundle: Path, public_key, report: VerificationReport) -> None:
@@ -135,14 +148,23 @@ def _check_signature(bundle: Path, public_key, report: VerificationReport) -> No
 
 
 def _short_signature_message(message: str) -> str:
-    # model-signing prints raw digest bytes; the file names are what a person needs.
+    # model-signing prints raw digest bytes (quoted either way, escaped inside a list's repr); the file
+    # names are what a person needs.
+    changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", message)
+    if changed and "Signature mismatch:" in message:
+        head = message.split("Signature mismatch:")[0].rstrip(": ")
+        return f"{head}: files changed since signing: {', '.join(changed)}"
     message = re.sub(r": Expected 'Digest\(.*?\)', Actual 'Digest\(.*?\)'", " (content changed)", message)
     return message.replace("Hash mismatch for", "file changed since signing:")
 
 
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _metadata_problems(bundle: Path, metadata: dict, certificate: dict) -> list[str]:
-    problems = []
-    privacy = metadata.get("privacy", {})
+    problems = _preprocessing_problems(metadata)
+    privacy = _mapping(metadata.get("privacy"))
     for key in ("epsilon", "delta", "unit_of_privacy"):
         if privacy.get(key) != certificate.get(key):
             problems.append(f"{METADATA_FILE}: privacy.{key} = {privacy.get(key)!r} but the certificate says "
@@ -151,9 +173,30 @@ def _metadata_problems(bundle: Path, metadata: dict, certificate: dict) -> list[
         if privacy.get("privacy_certificate_sha256") != sha256_file(bundle / CERTIFICATE_FILE):
             problems.append(f"{METADATA_FILE}: privacy_certificate_sha256 does not match {CERTIFICATE_FILE}")
     labels, thresholds = metadata.get("labels"), metadata.get("thresholds")
-    if not labels or not isinstance(thresholds, dict) or list(thresholds) != list(labels):
+    if not labels or not isinstance(labels, list) or not isinstance(thresholds, dict) or list(thresholds) != labels:
         problems.append(f"{METADATA_FILE}: thresholds must give one value per label, in label order")
     return problems
+
+
+def _preprocessing_problems(metadata: dict) -> list[str]:
+    """What ``predict`` needs to preprocess inputs as in training must be there and make sense."""
+    spec, shape = _mapping(metadata.get("preprocessing")), _mapping(metadata.get("input")).get("shape")
+
+    def whole(value, low=1):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    usable = isinstance(shape, list) and len(shape) in (4, 5) and all(whole(v) for v in shape[1:])
+    if spec.get("modality") == "radiograph":
+        usable = usable and whole(spec.get("image_size"), 32)
+    elif spec.get("modality") == "volume":
+        window = spec.get("hu_window")
+        usable = (usable and isinstance(spec.get("volume_shape_hwd"), list) and len(spec["volume_shape_hwd"]) == 3
+                  and all(whole(v) for v in spec["volume_shape_hwd"]) and isinstance(window, list) and len(window) == 2
+                  and all(isinstance(v, (int, float)) for v in window) and window[0] < window[1])
+    else:
+        usable = False
+    return [] if usable else [f"{METADATA_FILE}: preprocessing or input.shape is missing or malformed; inputs cannot "
+                              "be prepared as in training"]
 
 
 def _model_problems(bundle: Path, metadata: dict) -> list[str]:
@@ -171,10 +214,11 @@ def _model_problems(bundle: Path, metadata: dict) -> list[str]:
         return [f"{MODEL_FILE}: not a valid ONNX model ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"]
     problems = []
     properties = export.metadata_of(proto)
+    privacy = _mapping(metadata.get("privacy"))
     expected = {"model_version": metadata.get("model_version"), "labels": json.dumps(metadata.get("labels")),
                 "thresholds": json.dumps(metadata.get("thresholds")),
-                "privacy_certificate_sha256": metadata.get("privacy", {}).get("privacy_certificate_sha256"),
-                "unit_of_privacy": metadata.get("privacy", {}).get("unit_of_privacy")}
+                "privacy_certificate_sha256": privacy.get("privacy_certificate_sha256"),
+                "unit_of_privacy": privacy.get("unit_of_privacy")}
     for key, value in expected.items():
         if properties.get(key) != value:
             problems.append(f"{MODEL_FILE}: metadata_props[{key!r}] = {properties.get(key)!r} differs from "
@@ -191,6 +235,7 @@ def _model_problems(bundle: Path, metadata: dict) -> list[str]:
         (output,) = runtime.run([export.OUTPUT_NAME], {export.INPUT_NAME: np.zeros((2, *shape), np.float32)})
     except Exception as exc:  # onnxruntime raises its own exception types
         return problems + [f"{MODEL_FILE}: onnxruntime cannot run it ({str(exc).splitlines()[0]})"]
-    if output.shape != (2, len(metadata["labels"])) or not np.all((output >= 0) & (output <= 1)):
+    labels = metadata.get("labels")
+    if not isinstance(labels, list) or output.shape != (2, len(labels)) or not np.all((output >= 0) & (output <= 1)):
         problems.append(f"{MODEL_FILE}: output of shape {output.shape} is not one probability per label")
     return problems
