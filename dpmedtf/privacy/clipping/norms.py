@@ -163,3 +163,57 @@ def group_normalize(inputs: tf.Tensor, groups: int, epsilon: float) -> tf.Tensor
     mean, variance = tf.nn.moments(grouped, axes=[1, 3], keepdims=True)
     normalized = (grouped - mean) * tf.math.rsqrt(variance + epsilon)
     return tf.reshape(normalized, tf.shape(inputs))
+
+
+def layer_normalize(inputs: tf.Tensor, axes: list[int], epsilon: float) -> tf.Tensor:
+    """x̂ of LayerNormalization over ``axes`` (before scale γ and shift β): Keras' moments, keepdims."""
+    mean, variance = tf.nn.moments(inputs, axes, keepdims=True)
+    return (inputs - mean) * tf.math.rsqrt(variance + epsilon)
+
+
+def summed_over_axes(values: tf.Tensor, axes: list[int]) -> tf.Tensor:
+    """``values`` summed over ``axes`` (kept as size 1), accumulated in float64, in ``values``' dtype."""
+    if not axes:
+        return values
+    return tf.cast(tf.reduce_sum(tf.cast(values, NORM_DTYPE), axis=axes, keepdims=True), values.dtype)
+
+
+def _ids_and_rows(ids: tf.Tensor, output_grads: tf.Tensor, vocabulary: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B, T) int64 ids and (B, T, D) output-gradient rows of an embedding lookup of any id shape (B, …).
+
+    An id outside [0, vocabulary) reads no table row (a GPU lookup returns zeros for it; a CPU one has
+    already failed): its row is zeroed and its id set to 0, so it can neither alias another example's
+    (example, id) key in the norm nor be dropped silently from one sum but not the other.
+    """
+    batch = tf.shape(ids, out_type=tf.int64)[0]
+    flat_ids = tf.reshape(tf.cast(ids, tf.int64), tf.stack([batch, -1]))
+    rows = tf.reshape(output_grads, tf.stack([batch, tf.shape(flat_ids, out_type=tf.int64)[1],
+                                              tf.cast(output_grads.shape[-1], tf.int64)]))
+    valid = (flat_ids >= 0) & (flat_ids < vocabulary)
+    return tf.where(valid, flat_ids, 0), tf.where(valid[..., None], rows, tf.zeros_like(rows))
+
+
+def embedding_squared_norms(ids: tf.Tensor, output_grads: tf.Tensor, vocabulary: int) -> tf.Tensor:
+    """(B,) float64 squared norms of each example's embedding-table gradient Gᵢ = Σₜ onehot(idₜ) gₜᵀ.
+
+    ‖Gᵢ‖² = Σ_{t,s} [idₜ = idₛ] ⟨gₜ, gₛ⟩. Rather than the T×T Gram matrix, the rows gₜ of each example
+    that share an id are summed first (one segment per distinct (example, id) pair, in float64): those
+    sums are Gᵢ's non-zero rows, and ‖Gᵢ‖² is the sum of their squares — O(B·T·D), never negative.
+    """
+    flat_ids, rows = _ids_and_rows(ids, output_grads, vocabulary)
+    batch = tf.shape(flat_ids, out_type=tf.int64)[0]
+    examples = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(flat_ids, out_type=tf.int64))
+    keys = tf.reshape(examples * vocabulary + flat_ids, [-1])  # one key per (example, id) pair
+    pairs, segment = tf.unique(keys, out_idx=tf.int64)
+    table_rows = tf.math.unsorted_segment_sum(tf.cast(tf.reshape(rows, [-1, output_grads.shape[-1]]), NORM_DTYPE),
+                                              segment, tf.size(pairs, out_type=tf.int64))
+    return tf.math.unsorted_segment_sum(tf.reduce_sum(tf.square(table_rows), axis=1), pairs // vocabulary, batch)
+
+
+def embedding_clipped_sum(ids: tf.Tensor, output_grads: tf.Tensor, clip_weights: tf.Tensor, vocabulary: int,
+                          dtype: tf.DType) -> tf.Tensor:
+    """The dense (vocabulary, D) table gradient Σᵢ cᵢ Gᵢ = Σᵢ,ₜ cᵢ onehot(idᵢₜ) gᵢₜᵀ, in ``dtype``."""
+    flat_ids, rows = _ids_and_rows(ids, output_grads, vocabulary)
+    weighted = tf.cast(rows, dtype) * tf.cast(clip_weights, dtype)[:, None, None]
+    return tf.math.unsorted_segment_sum(tf.reshape(weighted, [-1, output_grads.shape[-1]]),
+                                        tf.reshape(flat_ids, [-1]), vocabulary)

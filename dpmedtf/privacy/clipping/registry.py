@@ -1,248 +1,144 @@
-"""tensorflow-privacy fast-clipping registry functions for the layers of our models.
+"""Which layer classes the fast engine clips, by which rule: one table, and ``register_layer`` to extend it.
 
-tensorflow-privacy's ``LayerRegistry`` maps a layer class to a function
-``(layer, input_args, input_kwargs, tape, num_microbatches) -> (base_vars, outputs, sqr_norm_fn)``:
-``base_vars`` is a tensor the tape watches (the layer's pre-activation output), and
-``sqr_norm_fn(∂L/∂base_vars)`` returns each example's squared gradient norm for the layer's weights.
-We register Dense, Conv1D, Conv2D, Conv3D, ACSConv and GroupNormalization in that form, so the
-registry also plugs into tensorflow-privacy's own ``compute_gradient_norms``.
+tensorflow-privacy's ``LayerRegistry`` maps a layer class to a rule
+``(layer, input_args, input_kwargs, tape, num_microbatches) -> (base_vars, outputs, sqr_norm_fn)``
+(``rules`` has ours). We register Dense, Conv1D, Conv2D, Conv3D, ACSConv, GroupNormalization, LayerNormalization and
+Embedding in that form, so the registry also plugs into tensorflow-privacy's own ``compute_gradient_norms``;
+``register_layer`` adds a rule for a class of one's own (as ``LayerRegistry.insert`` or opacus'
+``register_grad_sampler`` do).
 
 This table is the one list of layers with trainable weights that the fast engine clips per example:
 ``models.validate`` asks ``is_supported``. Lookup is by exact class, as in tensorflow-privacy, so a
-subclass (Conv2DTranspose is a Conv2D) is never taken for its parent. tensorflow-privacy's Embedding
-rule is left out: its ``base_vars`` is the table itself, whose rows are vocabulary entries and not
-examples, so the engine's book-keeping clipped sum cannot weight them per example.
+subclass (Conv2DTranspose is a Conv2D) is never taken for its parent.
+
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+from functools import partial, wraps
+from typing import TYPE_CHECKING, Callable
 
 import tensorflow as tf
 
-from dpmedtf.privacy.clipping.norms import (conv_cost_prefers_ghost, conv_ghost_squared_norms,
-                                            flatten_positions, ghost_is_cheaper, gram_squared_norms, group_normalize,
-                                            per_example_conv_kernel_grads, round_up_to, squared_norms_of,
-                                            summed_over_positions)
+from dpmedtf.errors import DpmedtfError
+from dpmedtf.privacy.clipping.rules import (NORM_METHODS, LayerGradients, NormMethod, acs_conv_layer_computation,
+                                            conv_layer_computation, dense_layer_computation,
+                                            embedding_layer_computation, group_norm_layer_computation,
+                                            layer_norm_layer_computation)
 
 if TYPE_CHECKING:
     from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import LayerRegistry
 
-    from dpmedtf.models.acs import ACSConv
 
-NormMethod = Literal["cost", "ghost", "instantiate"]
-"""How a convolution's (or a sequence Dense's) norm is had: cheaper by the cost model, or forced."""
-
-NORM_METHODS: tuple[str, ...] = ("cost", "ghost", "instantiate")
-
-_ACS_PLANES = ("axial", "coronal", "sagittal")
+class RegistrationError(DpmedtfError, TypeError, ValueError):
+    """A per-example norm rule that cannot be registered (not a layer class, not callable, already taken)."""
 
 
-class LayerGradients:
-    """A tensorflow-privacy ``sqr_norm_fn`` that keeps the per-example gradients it instantiated.
+Rule = Callable[..., tuple]
+"""``(layer, input_args, input_kwargs, tape, num_microbatches) -> (base, outputs, sqr_norm_fn)``."""
 
-    ``compute(∂L/∂base)`` returns (float64 squared norms (B,), per-example gradients per trainable
-    variable, or None when the norms came from Gram matrices). Kept gradients give the clipped sum as
-    Σᵢ cᵢ Gᵢ. Called as tensorflow-privacy calls it, the norms come back in the layer's dtype, rounded up.
+# Rules that take ``method`` (ghost or instantiated norms): the table holds them unbound.
+_NORM_METHOD_RULES = (conv_layer_computation, acs_conv_layer_computation, dense_layer_computation)
+
+_rule_table: dict[type, Rule] = {}
+"""The one table of layer classes the fast engine clips and their rules (filled on first use)."""
+
+
+def _table() -> dict[type, Rule]:
+    if not _rule_table:
+        # dpmedtf.models is imported on use, not with this module: models.validate asks this table, and
+        # importing the models package imports models.validate, so a module-level import would be circular.
+        from dpmedtf.models.acs import ACSConv
+
+        layers = tf.keras.layers
+        _rule_table.update({
+            layers.Dense: dense_layer_computation, layers.Conv1D: conv_layer_computation,
+            layers.Conv2D: conv_layer_computation, layers.Conv3D: conv_layer_computation,
+            ACSConv: acs_conv_layer_computation, layers.GroupNormalization: group_norm_layer_computation,
+            layers.LayerNormalization: layer_norm_layer_computation, layers.Embedding: embedding_layer_computation})
+    return _rule_table
+
+
+def register_layer(layer_class: type, rule: Rule, *, replace: bool = False) -> Rule:
+    """Registers the fast engine's per-example norm rule for ``layer_class`` (exact class, not subclasses).
+
+    ``rule(layer, input_args, input_kwargs, tape, num_microbatches)`` is a tensorflow-privacy registry
+    function. It calls the layer's computation on ``input_args`` (one batch; ``num_microbatches`` is
+    always None in dpmedtf), ``tape.watch``-es a tensor ``base`` whose row i depends on example i alone
+    and through which every trainable variable of the layer enters the output, and returns
+    ``(base, outputs, sqr_norm_fn)``. ``sqr_norm_fn(∂L/∂base)`` is either
+
+    - a plain function returning the (B,) per-example squared norms of the layer's weight gradients; the
+      engine then gets the clipped sum by re-running the rule on the recorded input and differentiating
+      ``base`` with the output-gradient rows scaled by the clip weights, so ``base`` must be computed from
+      the layer's variables each time; or
+    - a ``LayerGradients`` (or subclass), whose ``squared_norms64`` gives float64 norms and whose
+      ``clipped_sums(clip_weights)`` gives Σᵢ cᵢ Gᵢ per variable in ``layer.trainable_variables`` order
+      (or None for the re-trace above).
+
+    The rule is then used by ``make_layer_registry`` (every norm method), ``supported_layer_types`` and
+    ``is_supported`` — so by ``models.validate`` too. A registry made before this call does not see it.
+    Registering a class that already has a rule (dpmedtf's own included) raises ValueError unless
+    ``replace=True``. Returns ``rule``.
     """
-
-    def __init__(self, compute: Callable[[tf.Tensor], tuple[tf.Tensor, list[tf.Tensor] | None]]):
-        self._compute = compute
-        self.per_example: list[tf.Tensor] | None = None
-
-    def squared_norms64(self, base_grads: tf.Tensor) -> tf.Tensor:
-        squared, self.per_example = self._compute(base_grads)
-        return squared
-
-    def __call__(self, base_grads: tf.Tensor) -> tf.Tensor:
-        return round_up_to(self.squared_norms64(base_grads), base_grads.dtype)
-
-    def clipped_sums(self, clip_weights: tf.Tensor) -> list[tf.Tensor] | None:
-        """Σᵢ cᵢ Gᵢ per variable, or None when the gradients were never instantiated."""
-        if self.per_example is None:
-            return None
-        return [tf.tensordot(tf.cast(clip_weights, grads.dtype), grads, axes=1) for grads in self.per_example]
+    if not (isinstance(layer_class, type) and issubclass(layer_class, tf.keras.layers.Layer)):
+        raise RegistrationError(f"layer_class must be a Keras layer class, got {layer_class!r}")
+    if not callable(rule):
+        raise RegistrationError(f"rule must be callable, got {rule!r}")
+    table = _table()
+    if layer_class in table and not replace:
+        raise RegistrationError(f"{layer_class.__name__} already has a fast-clipping rule ({_rule_name(table[layer_class])}); "
+                         "pass replace=True to replace it")
+    table[layer_class] = rule
+    return rule
 
 
-def _instantiated(per_example: list[tf.Tensor]):
-    """The norms of exactly the gradients that will be summed (so cᵢ bounds what is added)."""
-    return tf.add_n([squared_norms_of(grads) for grads in per_example]), per_example
+def _rule_name(rule: Rule) -> str:
+    return getattr(rule, "__qualname__", None) or repr(rule)
 
 
-def _single_input(layer, input_args: Sequence[Any], input_kwargs: Mapping[str, Any], num_microbatches) -> tf.Tensor:
-    if num_microbatches is not None:
-        raise NotImplementedError(f"{type(layer).__name__}: microbatching is not supported by dpmedtf's registry")
-    if len(input_args) != 1 or input_kwargs:
-        raise ValueError(f"layer '{layer.name}' must be called on one tensor without keyword arguments")
-    return input_args[0]
+def _carrying_masks(rule: Rule) -> Rule:
+    """``rule`` with Keras' mask propagation, as ``Layer.__call__`` has it.
 
-
-def _pre_activation(layer, inputs: tf.Tensor, tape: tf.GradientTape) -> tuple[tf.Tensor, tf.Tensor]:
-    """(output before the activation, output), the first watched BEFORE the activation is applied.
-
-    The norms need the gradient before a non-linearity. The engine's tape watches no variable, so an
-    activation applied before ``tape.watch`` is not recorded when nothing upstream is watched (the
-    network's first layer): its base would get no gradient at all.
+    A rule's outputs may be a fresh tensor (γ·x̂ + β, or an activation applied after the watched base),
+    without the ``_keras_mask`` Keras would have set: the layers after it (pooling, say) would then not
+    mask the padding that ``model(x)`` masks, and the engine would clip the gradient of another loss.
     """
-    activation = layer.activation
-    if activation is None or activation is tf.keras.activations.linear:
-        outputs = layer(inputs)
-        tape.watch(outputs)
-        return outputs, outputs
-    layer.activation = None
-    try:
-        base = layer(inputs)
-    finally:
-        layer.activation = activation
-    tape.watch(base)
-    return base, activation(base)
+    @wraps(rule)
+    def with_masks(layer, input_args, input_kwargs, tape, num_microbatches=None):
+        base, outputs, sqr_norm_fn = rule(layer, input_args, input_kwargs, tape, num_microbatches)
+        flat_outputs = tf.nest.flatten(outputs)
+        if (layer.supports_masking and input_args
+                and not all(getattr(output, "_keras_mask", None) is not None for output in flat_outputs)):
+            previous = input_kwargs.get("mask", getattr(input_args[0], "_keras_mask", None))
+            masks = layer.compute_mask(input_args[0], previous)
+            if masks is not None:
+                for output, mask in zip(flat_outputs, tf.nest.flatten(masks)):
+                    output._keras_mask = mask
+        return base, outputs, sqr_norm_fn
+
+    return with_masks
 
 
-def _use_ghost(method: NormMethod, prefers_ghost: Callable[[], bool]) -> bool:
-    return prefers_ghost() if method == "cost" else method == "ghost"
-
-
-def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTape, num_microbatches=None, *,
-                           method: NormMethod = "cost"):
-    """Conv1D / Conv2D / Conv3D (channels last, dilation 1, groups 1): ghost or instantiated kernel norms."""
-    inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
-    unsupported = [what for what, bad in (("channels_first", layer.data_format != "channels_last"),
-                                          ("dilation", any(d != 1 for d in layer.dilation_rate)),
-                                          ("groups", layer.groups != 1), ("causal padding", layer.padding == "causal"))
-                   if bad]
-    if unsupported:
-        raise NotImplementedError(f"layer '{layer.name}': fast clipping does not support {', '.join(unsupported)}; "
-                                  "use training.clipping: vectorized")
-    base, outputs = _pre_activation(layer, inputs, tape)
-    kernel_shape, strides = tuple(layer.kernel.shape), tuple(layer.strides)
-
-    def compute(base_grads):
-        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, kernel_shape)):
-            squared = conv_ghost_squared_norms(inputs, base_grads, tuple(layer.kernel_size), strides, layer.padding)
-            if layer.use_bias:
-                squared += squared_norms_of(summed_over_positions(base_grads))
-            return squared, None
-        per_example = [per_example_conv_kernel_grads(inputs, base_grads, kernel_shape, strides, layer.padding)]
-        if layer.use_bias:
-            per_example.append(summed_over_positions(base_grads))
-        return _instantiated(per_example)
-
-    return base, outputs, LayerGradients(compute)
-
-
-def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: tf.GradientTape,
-                               num_microbatches=None, *, method: NormMethod = "cost"):
-    """ACSConv: each plane's output channels come from its own 3D kernel, so the squared norms add up."""
-    from dpmedtf.models.acs import acs_split  # see _rules
-
-    inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
-    base = layer(inputs)
-    tape.watch(base)
-    k, s, in_channels = layer.kernel_size, layer.strides, int(inputs.shape[-1])
-    splits = acs_split(layer.filters)
-    plane_sizes = [tuple(1 if axis == plane else k for axis in range(3)) for plane in range(len(_ACS_PLANES))]
-
-    def compute(base_grads):
-        parts = tf.split(base_grads, splits, axis=-1)
-        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, (k, k, in_channels, max(splits)))):
-            squared = tf.add_n([conv_ghost_squared_norms(inputs, part, size, (s, s, s), layer.padding)
-                                for part, size in zip(parts, plane_sizes)])
-            if layer.use_bias:
-                squared += squared_norms_of(summed_over_positions(base_grads))
-            return squared, None
-        kernels = [tf.squeeze(per_example_conv_kernel_grads(inputs, part, (*size, in_channels, channels), (s, s, s),
-                                                            layer.padding), axis=1 + plane)
-                   for plane, (part, size, channels) in enumerate(zip(parts, plane_sizes, splits))]
-        per_example = [tf.concat(kernels, axis=-1)]  # (B, k, k, Cin, Cout): the layer's 2D kernel layout
-        if layer.use_bias:
-            per_example.append(summed_over_positions(base_grads))
-        return _instantiated(per_example)
-
-    return base, base, LayerGradients(compute)
-
-
-def dense_layer_computation(layer: tf.keras.layers.Dense, input_args, input_kwargs, tape: tf.GradientTape,
-                            num_microbatches=None, *, method: NormMethod = "cost"):
-    """Dense on (B, d) — kernel gradient x gᵀ, ‖x gᵀ‖² = ‖x‖²‖g‖², a product nothing cancels in — or on
-    (B, …, d), where the kernel gradient Σₜ xₜ gₜᵀ is normed as a convolution of kernel size 1."""
-    inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
-    base, outputs = _pre_activation(layer, inputs, tape)
-
-    def compute(base_grads):
-        bias_grads = summed_over_positions(base_grads) if inputs.shape.rank > 2 else base_grads
-        if inputs.shape.rank == 2:
-            squared = squared_norms_of(inputs) * squared_norms_of(base_grads)
-        else:
-            positions, patch = flatten_positions(inputs), flatten_positions(base_grads)
-            features, units = int(positions.shape[-1]), int(patch.shape[-1])
-            if not _use_ghost(method, lambda: ghost_is_cheaper(int(positions.shape[1]), features, units)):
-                kernel = tf.einsum("btd,btp->bdp", positions, patch)
-                return _instantiated([kernel, bias_grads] if layer.use_bias else [kernel])
-            squared = gram_squared_norms(positions, patch)
-        if layer.use_bias:
-            squared += squared_norms_of(bias_grads)
-        return squared, None
-
-    return base, outputs, LayerGradients(compute)
-
-
-def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, input_args, input_kwargs,
-                                 tape: tf.GradientTape, num_microbatches=None):
-    """GroupNormalization over the channel (last) axis, computed here so that x̂ is at hand.
-
-    Per example, ∂ℓ/∂γ = Σ_positions g·x̂ and ∂ℓ/∂β = Σ_positions g: 2C numbers, always instantiated.
-    The forward is the layer's own arithmetic (two-pass moments, then γ·x̂ + β).
-    """
-    inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
-    if layer.axis not in (-1, inputs.shape.rank - 1):
-        raise NotImplementedError(f"layer '{layer.name}': fast clipping supports GroupNormalization over the last "
-                                  f"axis only (got axis={layer.axis})")
-    normalized = group_normalize(inputs, layer.groups, layer.epsilon)
-    outputs = normalized
-    if layer.scale:
-        outputs = outputs * layer.gamma
-    if layer.center:
-        outputs = outputs + layer.beta
-    tape.watch(outputs)
-
-    def compute(output_grads):
-        per_example = []
-        if layer.scale:
-            per_example.append(summed_over_positions(output_grads * normalized))
-        if layer.center:
-            per_example.append(summed_over_positions(output_grads))
-        return _instantiated(per_example)
-
-    return outputs, outputs, LayerGradients(compute)
-
-
-def _rules(method: NormMethod) -> dict[type, Callable]:
-    # dpmedtf.models is imported on use, not with this module: models.validate asks this table, and
-    # importing the models package imports models.validate, so a module-level import would be circular.
-    from dpmedtf.models.acs import ACSConv
-
+def _rules(method: NormMethod) -> dict[type, Rule]:
     if method not in NORM_METHODS:
         raise ValueError(f"norm method must be one of {NORM_METHODS}, got {method!r}")
-    conv = partial(conv_layer_computation, method=method)
-    return {tf.keras.layers.Dense: partial(dense_layer_computation, method=method),
-            tf.keras.layers.Conv1D: conv, tf.keras.layers.Conv2D: conv, tf.keras.layers.Conv3D: conv,
-            ACSConv: partial(acs_conv_layer_computation, method=method),
-            tf.keras.layers.GroupNormalization: group_norm_layer_computation}
+    return {layer_class: _carrying_masks(partial(rule, method=method) if rule in _NORM_METHOD_RULES else rule)
+            for layer_class, rule in _table().items()}
 
 
 def supported_layer_types() -> tuple[type, ...]:
     """The layer classes with trainable weights that the fast engine clips per example (exact classes)."""
-    return tuple(_rules("cost"))
+    return tuple(_table())
 
 
 def is_supported(layer: tf.keras.layers.Layer) -> bool:
     """Whether the fast engine has a per-example norm rule for ``layer``'s class (not its parents')."""
-    return type(layer) in supported_layer_types()
+    return type(layer) in _table()
 
 
 def make_layer_registry(norm_method: NormMethod = "cost") -> LayerRegistry:
-    """A tensorflow-privacy registry of every layer dpmedtf's fast engine clips.
+    """A tensorflow-privacy registry of every layer dpmedtf's fast engine clips (``register_layer``'s too).
 
     ``norm_method`` "cost" picks ghost or instantiated norms per layer by flops; "ghost" and
     "instantiate" force one (tests compare both paths with a per-example loop).
@@ -254,4 +150,3 @@ def make_layer_registry(norm_method: NormMethod = "cost") -> LayerRegistry:
     for layer_class, rule in _rules(norm_method).items():
         registry.insert(layer_class, rule)
     return registry
-
