@@ -13,9 +13,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from dpmedtf.errors import DpmedtfError
-
-ENGINES: tuple[str, ...] = ("fast", "vectorized")
-"""The DP clipping engines (``training.clipping``) a model can be validated for."""
+from dpmedtf.privacy.engines import get_engine
 
 
 class DpIncompatibleModelError(DpmedtfError):
@@ -53,23 +51,23 @@ def _mixes_examples(layer: tf.keras.layers.Layer) -> bool:
 def dp_problems(model: tf.keras.Model, engine: str = "fast") -> list[str]:
     """Every reason ``model`` cannot be trained with DP-SGD on ``engine``, one line each (empty when it can).
 
-    ``engine`` "fast" accepts the layers the clipping registry has a rule for, plus layers without
-    trainable weights; "vectorized" accepts any layer that does not mix examples.
+    Each engine (``privacy.engines``) says which trainable layers it clips: "fast" those the clipping
+    registry has a rule for, "vectorized" any. No engine can train a layer that mixes examples.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    registry = _registry()
-    problems = []
+    chosen = get_engine(engine)
+    problems = list(chosen.model_problems(model))
     for layer in leaf_layers(model):
         kind = type(layer).__name__
         if _mixes_examples(layer):
             problems.append(f"layer '{layer.name}' ({kind}) mixes examples within a batch through batch "
                             "statistics; replace it with GroupNormalization (build_resnet9 uses GroupNorm(32))")
-        elif engine == "fast" and layer.trainable_weights and not registry.is_supported(layer):
-            supported = ", ".join(cls.__name__ for cls in registry.supported_layer_types())
-            problems.append(f"layer '{layer.name}' ({kind}) has trainable weights the DP engine cannot clip per "
-                            f"example with fast clipping (supported: {supported}); freeze it "
-                            "(layer.trainable = False), replace it, or use training.clipping: vectorized")
+        elif layer.trainable_weights and not chosen.clips(layer):
+            supported = (f" (supported: {', '.join(cls.__name__ for cls in chosen.supported_layers())})"
+                         if chosen.supported_layers else "")
+            problems.append(f"layer '{layer.name}' ({kind}) has trainable weights the {engine} clipping engine cannot "
+                            f"clip per example{supported}; freeze it (layer.trainable = False), replace it, register "
+                            "a per-example norm rule for its class (dpmedtf.register_layer), or use the vectorized "
+                            "engine (training.clipping: vectorized; make_private(engine=\"vectorized\"))")
     return problems
 
 

@@ -26,17 +26,19 @@ STEP_CASES = {  # name: (clipping engine or None for non-private, noise multipli
 EXAMPLES, EXPECTED_BATCH, CLIP, LEARNING_RATE = 7, 10, 0.2, 1000.0
 
 
-def step_updates(strategy) -> dict[str, np.ndarray]:
+def step_updates(strategy, cases=tuple(STEP_CASES)) -> dict[str, np.ndarray]:
     """For each case: the change of every weight (flattened, concatenated) after one trainer step with
     plain SGD on the same 7 examples, sharded over the strategy's replicas, in chunks of at most 3."""
     import tensorflow as tf
-    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import make_vectorized_keras_optimizer_class
+    import functools
 
     from dpmedtf.data.sampling import split_among_replicas
     from dpmedtf.models import build_resnet9
     from dpmedtf.training.distribution import local_replicas
     from dpmedtf.privacy.randomness import RunSecret
-    from dpmedtf.training.trainer import TrainingPlan, _StepModel
+    from dpmedtf.privacy.mechanism import DpSgdMechanism
+    from dpmedtf.training.losses import weighted_bce_per_example
+    from dpmedtf.training.step import GradientStep, StepModel
 
     SECRET = RunSecret.from_experiment_seed(3)
     rng = np.random.default_rng(2)
@@ -55,17 +57,19 @@ def step_updates(strategy) -> dict[str, np.ndarray]:
                               "step": tf.TensorSpec([], tf.int64), "noise_seeds": tf.TensorSpec([None, 2], tf.int64)})
 
     updates = {}
-    for name, (engine, noise) in STEP_CASES.items():
+    for name in cases:
+        engine, noise = STEP_CASES[name]
         tf.keras.utils.set_random_seed(0)
         with strategy.scope():
             network = build_resnet9((32, 32, 3), 4, groups=4, widths=(8, 16, 16, 32))
-            optimizer = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
-                l2_norm_clip=CLIP, noise_multiplier=0.0, learning_rate=LEARNING_RATE) if engine == "vectorized" \
-                else tf.keras.optimizers.legacy.SGD(LEARNING_RATE)
-            plan = TrainingPlan(engine is not None, 100, EXPECTED_BATCH, 1, 10, noise, CLIP, CLIP, 1, "image", 1e-5,
-                                "rdp", None, None, engine)
-            model = _StepModel(network, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32),
-                               SECRET, max_physical_batch=3)
+            mechanism = None if engine is None else DpSgdMechanism(
+                dataset_size=100, expected_batch_size=EXPECTED_BATCH, clip_norm=CLIP, noise_multiplier=noise,
+                delta=1e-5, accountant="rdp")
+            loss = functools.partial(weighted_bce_per_example, positive_weight=tf.ones(4), negative_weight=tf.ones(4))
+            model = StepModel(network, step=GradientStep(mechanism=mechanism, engine=engine or "fast",
+                                                         max_physical_batch=3),
+                              optimizer=tf.keras.optimizers.legacy.SGD(LEARNING_RATE), per_example_loss=loss,
+                              secret=SECRET)
         before = np.concatenate([v.numpy().ravel() for v in network.trainable_variables])
         inputs = iter(strategy.distribute_datasets_from_function(shards_for_worker))
         tf.function(lambda: strategy.run(model.train_step, args=(next(inputs),)))()
@@ -115,7 +119,7 @@ def main() -> None:
             print(error)
             sys.exit(3)
         return
-    updates = step_updates(strategy)
+    updates = step_updates(strategy, args.get("cases", tuple(STEP_CASES)))
     if is_chief(strategy):
         np.savez(args["out"], replicas=strategy.num_replicas_in_sync, **updates)
 

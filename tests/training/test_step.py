@@ -3,15 +3,28 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import make_vectorized_keras_optimizer_class
+import functools
 
 from dpmedtf.models import build_resnet9
-from dpmedtf.privacy.optimizers import clipped_gradient_sum, make_dp_nadam, noised_mean
+from dpmedtf.privacy.engines import vectorized_clipped_gradient_sum
+from dpmedtf.privacy.mechanism import DpSgdMechanism
+from dpmedtf.privacy.noise import noised_mean
 from dpmedtf.privacy.randomness import RunSecret, effective_noise_multiplier, noise_stddev_float32
 from dpmedtf.training.losses import weighted_bce_per_example
+from dpmedtf.training.step import GradientStep, StepModel
 
 ONES = tf.ones(4)
 SECRET = RunSecret.from_experiment_seed(0)
+UNWEIGHTED_BCE = functools.partial(weighted_bce_per_example, positive_weight=ONES, negative_weight=ONES)
+
+
+def step_model(network, optimizer, engine, clip=1.0, sigma=1.0, expected_batch=10, max_physical_batch=32):
+    """The trainer's step model; ``engine`` None is the non-private step."""
+    mechanism = None if engine is None else DpSgdMechanism(
+        dataset_size=100, expected_batch_size=expected_batch, clip_norm=clip, noise_multiplier=sigma, delta=1e-5,
+        accountant="rdp")
+    step = GradientStep(mechanism=mechanism, engine=engine or "fast", max_physical_batch=max_physical_batch)
+    return StepModel(network, step=step, optimizer=optimizer, per_example_loss=UNWEIGHTED_BCE, secret=SECRET)
 
 
 def seeds(model, dp):
@@ -44,10 +57,7 @@ def brute_force_clipped_sum(model, images, labels, clip):
 
 
 def engine_clipped_sum(model, images, labels, clip):
-    optimizer = make_dp_nadam(1e-3, clip)
-    with tf.GradientTape() as tape:
-        losses = weighted_bce_per_example(labels, model(images, training=True), ONES, ONES)
-    return clipped_gradient_sum(optimizer, losses, model.trainable_variables, tape)
+    return vectorized_clipped_gradient_sum(model, images, lambda logits: UNWEIGHTED_BCE(labels, logits), clip)[0]
 
 
 @pytest.mark.parametrize("clip", [0.05, 8.0, 1e4])  # all clipped, some clipped, none clipped
@@ -102,8 +112,6 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(eng
     non-private by −lr·(mean gradient). A large lr keeps the weight differences well above float32
     rounding of the weights themselves."""
     lr = 1000.0
-    from dpmedtf.training.trainer import TrainingPlan, _StepModel
-
     dp = engine is not None
     model = tiny_model(2)
     images, labels = batch(7, seed=2)
@@ -111,19 +119,14 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(eng
     if dp:
         expected, _ = brute_force_clipped_sum(model, images, labels, clip)
         expected = [e / expected_b for e in expected]
-        optimizer = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
-            l2_norm_clip=clip, noise_multiplier=0.0, learning_rate=lr) if engine == "vectorized" \
-            else tf.keras.optimizers.legacy.SGD(lr)
     else:
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(weighted_bce_per_example(labels, model(images, training=True), ONES, ONES))
         expected = tape.gradient(loss, model.trainable_variables)
-        optimizer = tf.keras.optimizers.legacy.SGD(lr)
+    optimizer = tf.keras.optimizers.legacy.SGD(lr)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    plan = TrainingPlan(dp, 100, expected_b, 1, 10, 0.0, clip, clip, 1, "image", 1e-5, "rdp", None, None, engine)
-    step_model = _StepModel(model, plan, optimizer, np.ones(4, np.float32), np.ones(4, np.float32), SECRET,
-                            max_physical_batch=4)
-    train_step = tf.function(step_model.train_step) if graph else step_model.train_step
+    stepper = step_model(model, optimizer, engine, clip, 0.0, expected_b, max_physical_batch=4)
+    train_step = tf.function(stepper.train_step) if graph else stepper.train_step
     train_step({"images": images, "labels": labels, "step": tf.constant(0, tf.int64), **seeds(model, dp)})
     for b, v, e in zip(before, model.trainable_variables, expected):
         assert float(np.linalg.norm((b - v.numpy()) / lr - e.numpy()) / np.linalg.norm(e.numpy())) < 1e-4
@@ -134,17 +137,11 @@ def test_one_logical_step_over_two_chunks_is_the_clipped_sum_over_expected_b(eng
 
 @pytest.mark.parametrize("engine", ["fast", "vectorized"])
 def test_an_empty_poisson_step_still_adds_noise(engine):
-    from dpmedtf.training.trainer import TrainingPlan, _StepModel
-
     model = tiny_model(3)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    plan = TrainingPlan(True, 100, 10, 1, 10, 1.0, 1.0, 1.0, 1, "image", 1e-5, "rdp", None, None, engine)
-    sgd = make_vectorized_keras_optimizer_class(tf.keras.optimizers.legacy.SGD)(
-        l2_norm_clip=1.0, noise_multiplier=0.0, learning_rate=1.0) if engine == "vectorized" \
-        else tf.keras.optimizers.legacy.SGD(1.0)
-    step_model = _StepModel(model, plan, sgd, np.ones(4, np.float32), np.ones(4, np.float32), SECRET)
-    tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
-                                        "step": tf.constant(0, tf.int64), **seeds(model, True)})
+    stepper = step_model(model, tf.keras.optimizers.legacy.SGD(1.0), engine)
+    tf.function(stepper.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
+                                     "step": tf.constant(0, tf.int64), **seeds(model, True)})
     update = np.concatenate([(b - v.numpy()).ravel() for b, v in zip(before, model.trainable_variables)])
     assert update.std() == pytest.approx(1.0 / 10, rel=0.05)  # pure noise N(0, (σC)²) / B
 
@@ -206,16 +203,12 @@ def test_secure_noise_is_gaussian_with_the_requested_stddev_and_reproducible():
 def test_the_trainer_step_adds_the_given_secure_noise():
     """With privacy.secure_rng the input pipeline hands replica 0 the noise itself: the update is exactly
     (Σ clipped + noise) / B, nothing drawn in the graph."""
-    from dpmedtf.training.trainer import TrainingPlan, _StepModel
-
     model = tiny_model(4)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    plan = TrainingPlan(True, 100, 10, 1, 10, 1.0, 1.0, 1.0, 1, "image", 1e-5, "pld", None, None, "fast")
-    step_model = _StepModel(model, plan, tf.keras.optimizers.legacy.SGD(1.0), np.ones(4, np.float32),
-                            np.ones(4, np.float32), SECRET)
+    stepper = step_model(model, tf.keras.optimizers.legacy.SGD(1.0), "fast")
     sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
     noise = SECRET.secure_gaussian("noise", 0, sizes, noise_stddev_float32(1.0, 1.0))
-    tf.function(step_model.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
-                                        "step": tf.constant(0, tf.int64), "noise": tuple(noise)})
+    tf.function(stepper.train_step)({"images": tf.zeros((0, 32, 32, 3)), "labels": tf.zeros((0, 4)),
+                                     "step": tf.constant(0, tf.int64), "noise": tuple(noise)})
     for b, v, n in zip(before, model.trainable_variables, noise):
         np.testing.assert_allclose((b - v.numpy()).ravel(), n / 10, rtol=1e-5, atol=1e-7)
