@@ -161,15 +161,13 @@ def preprocess_volume(source: Path = typer.Argument(..., help="NIfTI file or fol
                       hu_window: tuple[float, float] = typer.Option((-150.0, 250.0), "--hu-window", help="HU clip window."),
                       force: bool = typer.Option(False, "--force", help="Replace an existing output.")) -> None:
     """HU, canonical orientation, clip, scale to [0, 1], trilinear resize; write the volume the model sees."""
-    import numpy as np
-
     from dpmedtf.data import volume
 
     _refuse_overwrite(out, force)
+    volume.check_output_path(out)
     data = volume.preprocess_file(source, shape, hu_window)
     if out.suffix == ".npy":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, data)
+        volume.save_npy(data, out)
     else:
         volume.save_nifti(data, out)
     typer.echo(f"wrote {out} (D×H×W = {'×'.join(map(str, data.shape))} float32 in [0, 1])")
@@ -235,17 +233,13 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config
     """Train one job (DP-SGD or non-private, or an ε sweep); resumes from its last checkpoint."""
     from dpmedtf.config import load_config
     from dpmedtf.progress import progress_bar
-    from dpmedtf.training.distribution import strategy_for
-    from dpmedtf.training.job import prepare_data, sweep_members
-    from dpmedtf.training.trainer import train as train_one
+    from dpmedtf.training.job import prepare_data, train_members
 
     job = load_config(config)
     out = out or Path("runs") / job.name
-    strategy_for(job.training)  # first: a multi-worker cluster must be joined before TensorFlow runs anything
     with progress_bar("preparing data", 1) as advance:
         prepared = prepare_data(job, out, progress=advance)
-    for name, member in sweep_members(job):
-        result = train_one(member, prepared, out / name if name else out, force=force)
+    for result in train_members(job, prepared, out, force=force):
         privacy = (f"ε = {result.ledger.epsilon():.4g} at δ = {result.plan.delta:g}" if result.ledger is not None
                    else "non-private")
         written = "" if result.chief else ", written by the chief worker"
@@ -384,10 +378,11 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
             force: bool = typer.Option(False, "--force", help="Replace an existing --out file.")) -> None:
     """Verify the bundle, preprocess the inputs as in training, run the ONNX model, write the CSV."""
     from dpmedtf.progress import progress_bar
-    from dpmedtf.release.predict import load, predict_files, write_predictions
+    from dpmedtf.release.predict import check_inputs_exist, load, predict_files, write_predictions
 
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_inputs_exist(inputs)  # before the bundle's verification, which takes seconds
     loaded = load(bundle, public_key)
     for line in loaded.verification.warnings:
         typer.echo(f"note: {line}", err=True)
@@ -405,7 +400,13 @@ def _print_cohort(loaded, table, out: Optional[Path]) -> None:
     typer.echo(title)
     typer.echo(table.to_string())
     if out is not None:
-        table.to_csv(out)
+        from dpmedtf.errors import OutputError
+
+        try:
+            table.to_csv(out)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the cohort table ({exc.strerror or exc}); choose another --out") \
+                from None
 
 
 def main(argv: list[str] | None = None) -> None:

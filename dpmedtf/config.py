@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from dpmedtf.errors import ConfigError
+from dpmedtf.privacy.engines import engine_names
 
 
 def option(default: Any, doc: str, *, ge: float | None = None, le: float | None = None,
@@ -81,8 +82,8 @@ class TrainingConfig:
     max_physical_batch: int = option(32, "most examples a device computes at once; a larger share of a step is summed over chunks", ge=1)
     learning_rate: Optional[float] = option(None, "NAdam learning rate; default 5e-4 with DP, 5e-5 without (paper)", gt=0.0)
     optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
-    clipping: Literal["fast", "vectorized"] = option("fast", "DP per-example clipping engine: fast (layer-wise ghost/instantiated norms, book-keeping; no Jacobians) or vectorized (tensorflow-privacy's tape.jacobian optimizer); both give the same clipped sum")
-    augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip; default on without DP, off with DP (paper)")
+    clipping: str = option("fast", "DP per-example clipping engine, a name registered in dpmedtf.privacy.engines: fast (layer-wise ghost/instantiated norms, book-keeping; no Jacobians) or vectorized (per-example gradients by tape.jacobian); both give the same clipped sum")
+    augment: Optional[bool] = option(None, "rotation ±10° and horizontal flip of radiographs (CT volumes are not augmented); default on without DP, off with DP (paper)")
     class_weights: Optional[Literal["dp_counts", "inverse_frequency", "public_prior", "none"]] = option(None, "BCE weighting: dp_counts (inverse class frequency from positive counts released by a Gaussian mechanism, composed into ε; the default with DP), inverse_frequency (exact counts of the training labels: a non-DP use of private data that the default release policy refuses; the default without DP), public_prior (class_prior), or none")
     class_count_noise_std: float = option(10.0, "with class_weights: dp_counts, the standard deviation of the Gaussian noise on each label's positive count (sensitivity √labels per record)", gt=0.0)
     class_prior: Optional[tuple[float, ...]] = option(None, "with class_weights: public_prior, each label's prevalence from public data", gt=0.0, lt=1.0)
@@ -111,6 +112,9 @@ class ReleaseConfig:
 
 
 STAGES = ("prepare", "train", "evaluate", "release")
+# The network's shape rules (models/resnet9.py), checked here so a job fails when loaded, not mid-run.
+RESNET9_WIDTHS = (64, 128, 256, 512)
+MIN_MODEL_INPUT = 32
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,11 @@ def load_config(path: str | Path, cls: type = JobConfig) -> Any:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc}); give the path of a "
+                          "job YAML file") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not a YAML job file; give the path of the job's .yaml "
+                          "file (see `dpmedtf config keys` for its settings)") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -259,10 +267,22 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
     if not dp and (job.privacy.target_epsilon is not None or job.privacy.noise_multiplier is not None):
         raise ctx.fail("privacy", "target_epsilon/noise_multiplier are set but enabled is false: "
                                   "remove them or enable DP, so the run is not mistaken for a private one")
+    if job.training.clipping not in engine_names():
+        raise ctx.fail("training.clipping", f"must be one of {', '.join(map(repr, engine_names()))}, "
+                                            f"got {job.training.clipping!r}")
     if abs(sum(job.data.split_fractions) - 1.0) > 1e-6:
         raise ctx.fail("data.split_fractions", f"must sum to 1, got {job.data.split_fractions}")
     if job.data.hu_window[0] >= job.data.hu_window[1]:
         raise ctx.fail("data.hu_window", f"low must be below high, got {job.data.hu_window}")
+    if any(width % job.model.groups for width in RESNET9_WIDTHS):
+        raise ctx.fail("model.groups", f"must divide every ResNet9 stage width {RESNET9_WIDTHS} (e.g. 32, 16 or 8), "
+                                       f"got {job.model.groups}")
+    if job.data.modality == "volume" and job.training.augment:
+        raise ctx.fail("training.augment", "augmentation (rotation and flip) is defined for radiographs only; "
+                                           "remove it or set it false for CT volumes")
+    if job.data.modality == "volume" and "train" in job.pipeline.stages and min(job.data.volume_shape) < MIN_MODEL_INPUT:
+        raise ctx.fail("data.volume_shape", f"every size must be ≥ {MIN_MODEL_INPUT} for the network (it halves the "
+                                            f"input five times), got {list(job.data.volume_shape)}")
     if job.training.class_weights == "dp_counts" and not dp:
         raise ctx.fail("training.class_weights", "dp_counts releases counts with DP noise for a DP run; a non-private "
                                                  "run uses inverse_frequency (exact counts)")
@@ -281,7 +301,8 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
             job.training,
             learning_rate=job.training.learning_rate or (5e-4 if dp else 5e-5),
             class_weights=job.training.class_weights or ("dp_counts" if dp else "inverse_frequency"),
-            augment=(not dp) if job.training.augment is None else job.training.augment))
+            augment=(not dp and job.data.modality == "radiograph") if job.training.augment is None
+            else job.training.augment))
 
 
 def config_to_dict(config: Any) -> Any:

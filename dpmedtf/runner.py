@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from dpmedtf.config import STAGES, JobConfig, config_to_dict
-from dpmedtf.errors import ConfigError, DpmedtfError
-from dpmedtf.files import sha256_file, write_json_atomic
+from dpmedtf.errors import ConfigError, DpmedtfError, OutputError, PrivacyParameterError, RecordError
+from dpmedtf.files import read_json_object, sha256_file, write_json_atomic
+from dpmedtf.layout import ModelDir, RunDir
 
 RECORD_FORMAT = 1
 
@@ -57,7 +58,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def check_before_running(job: JobConfig) -> None:
     """Fails on anything in the job that would stop a later stage, before any stage runs."""
-    from dpmedtf.data.manifests import load_manifest
+    from dpmedtf.data.manifests import check_files_exist, load_manifest, require_split
     from dpmedtf.training.job import sweep_members
 
     data = job.data
@@ -68,8 +69,17 @@ def check_before_running(job: JobConfig) -> None:
         raise ConfigError("data.manifest is required: give the path of the manifest CSV")
     if not Path(data.manifest).is_file():
         raise ConfigError(f"data.manifest: file not found: {data.manifest}")
-    load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)  # every row checked
-    sweep_members(job)  # each member's config resolves
+    cohort = load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)  # every row checked
+    if not data.skip_bad:
+        check_files_exist(cohort)
+    stages = job.pipeline.stages
+    needed = (("train", "validation", "test") if "evaluate" in stages  # evaluation's audit also reads train
+              else ("train",) if "train" in stages else ())
+    for split in needed:
+        require_split(cohort, split, "training" if split == "train" and "train" in stages else "evaluation")
+    for _, member in sweep_members(job):  # each member's config resolves
+        if "train" in stages:
+            _check_sizes(member, cohort)
     if job.model.pretrained_weights is not None and not Path(job.model.pretrained_weights).exists():
         raise ConfigError(f"model.pretrained_weights: not found: {job.model.pretrained_weights}")
     if "release" in job.pipeline.stages:
@@ -89,6 +99,23 @@ def check_before_running(job: JobConfig) -> None:
         load_policy(settings.policy)
 
 
+def _check_sizes(job: JobConfig, cohort) -> None:
+    """The batch and δ against the training set the manifest gives (quarantined files can only shrink it)."""
+    train = cohort.frame[cohort.frame["split"] == "train"]
+    patient_unit = job.privacy.enabled and job.privacy.unit == "patient"
+    records = train["patient_id"].nunique() if patient_unit else len(train)
+    unit = "patients" if patient_unit else "images"
+    if job.training.batch_size > records:
+        raise ConfigError(f"training.batch_size {job.training.batch_size} exceeds the {records} training {unit} of "
+                          f"{cohort.source}; lower training.batch_size (to at most {records})")
+    delta = job.privacy.delta
+    if job.privacy.enabled and delta >= 1.0 / records and not job.privacy.allow_large_delta:
+        raise PrivacyParameterError(
+            f"privacy.delta {delta:g} ≥ 1/N = {1.0 / records:.3g} (N = {records} training {unit} of "
+            f"{cohort.source}): such a δ permits publishing a whole record; choose privacy.delta below "
+            f"{1.0 / records:.3g}, or set privacy.allow_large_delta: true to accept it (recorded in the certificate)")
+
+
 class Pipeline:
     """Runs the stages of one job into ``out``."""
 
@@ -98,7 +125,8 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"--force: unknown stage(s) {sorted(unknown)}; stages are {list(STAGES)}")
         self.job, self.out, self.force = job, Path(out), set(force)
-        self.records = self.out / "stages"
+        self.run_dir = RunDir(self.out)
+        self.records = self.run_dir.stage_records
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self._prepared = None
 
@@ -109,7 +137,14 @@ class Pipeline:
 
     def _record(self, stage: str) -> dict | None:
         path = self._record_path(stage)
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        record = read_json_object(path, f"the record of stage {stage}")
+        missing = [k for k in ("status", "config_sha256", "config", "inputs", "outputs") if k not in record]
+        if missing:
+            raise RecordError(f"{path}: the record of stage {stage} lacks {', '.join(missing)} (edited by hand?); "
+                              f"delete it to redo the stage, or pass --force {stage}")
+        return record
 
     def _decide(self, stage: str, inputs: dict, upstream_redone: bool) -> str:
         """'skip', 'run' (fresh, or resuming an unfinished stage) or 'force' (redo a finished one)."""
@@ -147,7 +182,11 @@ class Pipeline:
 
     def run(self) -> list[StageOutcome]:
         check_before_running(self.job)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot create the run directory ({exc.strerror or exc}); choose "
+                              "another --out") from None
         stages = self.job.pipeline.stages
         outcomes, redone = [], False
         for number, stage in enumerate(stages, 1):
@@ -177,11 +216,10 @@ class Pipeline:
                 self._prepared = prepare_data(self.job, self.out, progress=advance)
         return self._prepared
 
-    def _members(self) -> list[tuple[str, Path, JobConfig]]:
+    def _members(self) -> list[tuple[str, ModelDir, JobConfig]]:
         from dpmedtf.training.job import sweep_members
 
-        return [(name or self.job.name, self.out / name if name else self.out, member)
-                for name, member in sweep_members(self.job)]
+        return [(name or self.job.name, self.run_dir.member(name), member) for name, member in sweep_members(self.job)]
 
     def _prepare_inputs(self) -> dict:
         return {"manifest": sha256_file(Path(self.job.data.manifest))}
@@ -200,19 +238,20 @@ class Pipeline:
         prepared = self._prepare_data()
         outputs = {}
         for name, directory, member in self._members():
-            summary = directory / "training.json"
-            finished = summary.is_file() and json.loads(summary.read_text()).get("status") == "finished"
+            summary = directory.training_record
+            finished = (summary.is_file()
+                        and read_json_object(summary, "the training summary").get("status") == "finished")
             if finished and not force:
                 self.log(f"  {name}: finished earlier, kept")
             else:
                 self.log(f"  training {name}")
-                train(member, prepared, directory, force=force)
-            outputs[name] = {"model": str(directory / "model.keras"),
-                             "epsilon": json.loads(summary.read_text()).get("epsilon")}
+                train(member, prepared, directory.root, force=force)
+            outputs[name] = {"model": str(directory.model),
+                             "epsilon": read_json_object(summary, "the training summary").get("epsilon")}
         return outputs
 
     def _model_hashes(self) -> dict:
-        return {name: sha256_file(directory / "model.keras") if (directory / "model.keras").is_file() else None
+        return {name: sha256_file(directory.model) if directory.model.is_file() else None
                 for name, directory, _ in self._members()}
 
     def _evaluate_inputs(self) -> dict:
@@ -228,15 +267,14 @@ class Pipeline:
     def _release_inputs(self) -> dict:
         inputs = {"models": self._model_hashes()}
         for name, directory, _ in self._members():
-            for file in ("metrics.json", "fairness_report.json", "thresholds.json"):
-                path = directory / "evaluation" / file
-                inputs[f"{name}/{file}"] = sha256_file(path) if path.is_file() else None
+            for path in (directory.metrics, directory.fairness_report, directory.thresholds):
+                inputs[f"{name}/{path.name}"] = sha256_file(path) if path.is_file() else None
         return inputs
 
     def _release(self, force: bool) -> dict:
         from dpmedtf.release.job import release_job
 
-        bundle = self.out / "bundle"
+        bundle = self.run_dir.bundle
         if bundle.exists():
             raise DpmedtfError(f"{bundle} already exists and dpmedtf never overwrites a release; move it away "
                                "yourself if you mean to replace it, then run again")

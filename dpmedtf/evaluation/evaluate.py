@@ -20,6 +20,7 @@ from dpmedtf.evaluation.bootstrap import bootstrap_auroc, redraw_weights
 from dpmedtf.evaluation.fairness import fairness_rows
 from dpmedtf.evaluation.metrics import binary_rates, youden_threshold
 from dpmedtf.files import json_safe, write_json_atomic
+from dpmedtf.layout import EvaluationDir
 from dpmedtf.privacy.audit import membership_inference_audit, per_label_losses
 
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
@@ -47,8 +48,8 @@ def predict(model: tf.keras.Model, prepared: PreparedData, split: str, batch_siz
 def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.PathLike, redraws: int = 1000,
              seed: int = 0) -> dict:
     """Writes predictions.csv, predictions_validation.csv, thresholds.json, metrics.json, fairness_report.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files = EvaluationDir(out_dir)
+    files.root.mkdir(parents=True, exist_ok=True)
     names = prepared.cohort.label_names
     validation, test = predict(model, prepared, "validation"), predict(model, prepared, "test")
     thresholds = {name: youden_threshold(validation[f"{name}_true"], validation[f"{name}_prob"]) for name in names}
@@ -76,11 +77,11 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
     report = {**provenance, "split": "test", "findings": list(names),
               "rows": json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
 
-    test.to_csv(out_dir / "predictions.csv", index=False)
-    validation.to_csv(out_dir / "predictions_validation.csv", index=False)
-    write_json_atomic(out_dir / "thresholds.json", thresholds)
-    write_json_atomic(out_dir / "metrics.json", json_safe(metrics))
-    write_json_atomic(out_dir / "fairness_report.json", report)
+    test.to_csv(files.predictions, index=False)
+    validation.to_csv(files.validation_predictions, index=False)
+    write_json_atomic(files.thresholds, thresholds)
+    write_json_atomic(files.metrics, json_safe(metrics))
+    write_json_atomic(files.fairness_report, report)
     return metrics
 
 

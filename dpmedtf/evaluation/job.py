@@ -8,12 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from dpmedtf.config import JobConfig
-from dpmedtf.errors import DpmedtfError
+from dpmedtf.errors import DpmedtfError, OutputExistsError
 from dpmedtf.evaluation import plots
 from dpmedtf.evaluation.evaluate import evaluate
 from dpmedtf.evaluation.report import write_report
 from dpmedtf.evaluation.sweep import SweepMember, analyse_sweep
 from dpmedtf.files import json_safe, write_json_atomic
+from dpmedtf.layout import RunDir
 from dpmedtf.models import load_model
 from dpmedtf.privacy.group import patient_level
 from dpmedtf.privacy.ledger import Ledger
@@ -22,23 +23,27 @@ from dpmedtf.training.job import prepare_data, sweep_members
 
 def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[SweepMember], Path]:
     """Evaluates each trained model of the job under ``run`` and writes ``run/report.html``."""
+    run_dir = RunDir(run)
+    for name, _ in sweep_members(job):  # before the (possibly long) data preparation
+        member_dir = run_dir.member(name)
+        if not member_dir.model.exists():
+            raise DpmedtfError(f"no trained model at {member_dir.model}; train the job first "
+                               f"(`dpmedtf train`), or give the run directory it was trained into with --run")
+        if member_dir.metrics.exists() and not force:
+            raise OutputExistsError(f"{member_dir.evaluation.root} already holds an evaluation; pass --force to "
+                                    "replace it")
     prepared = prepare_data(job, run)
     members = []
     for name, member in sweep_members(job):
-        member_dir = run / name if name else run
-        out = member_dir / "evaluation"
-        if not (member_dir / "model.keras").exists():
-            raise DpmedtfError(f"no trained model at {member_dir / 'model.keras'}; train the job first")
-        if (out / "metrics.json").exists() and not force:
-            raise DpmedtfError(f"{out} already holds an evaluation; pass --force to replace it")
+        member_dir = run_dir.member(name)
         # The written files, not the in-memory dict, are what every later reader sees (NaN → null).
-        evaluate(load_model(member_dir / "model.keras"), prepared, out, member.evaluation.bootstrap_redraws,
+        evaluate(load_model(member_dir.model), prepared, member_dir.evaluation, member.evaluation.bootstrap_redraws,
                  member.evaluation.seed)
         # ε as the accountant computes it on what ran (the ledger), never the configured target.
-        ledger = Ledger.load(member_dir / "ledger.json") if (member_dir / "ledger.json").is_file() else None
+        ledger = Ledger.load(member_dir.ledger) if member_dir.ledger.is_file() else None
         members.append(SweepMember(name or job.name, ledger.epsilon() if ledger else None,
-                                   json.loads((out / "metrics.json").read_text()), pd.read_csv(out / "predictions.csv"),
-                                   json.loads((out / "fairness_report.json").read_text()),
+                                   json.loads(member_dir.metrics.read_text()), pd.read_csv(member_dir.predictions),
+                                   json.loads(member_dir.fairness_report.read_text()),
                                    patient_level(ledger)["epsilon"] if ledger else None,
                                    ledger.unit_of_privacy if ledger else None))
     synthetic = prepared.cohort.synthetic
@@ -48,9 +53,9 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
         train = prepared.cohort.frame[prepared.cohort.frame["split"] == "train"]
         sweep = analyse_sweep(members, names, {n: int(train[n].sum()) for n in names},
                               job.evaluation.bootstrap_redraws, job.evaluation.seed)
-        write_json_atomic(run / "sweep.json", json_safe({"synthetic_data": synthetic, **sweep}))
+        write_json_atomic(run_dir.sweep, json_safe({"synthetic_data": synthetic, **sweep}))
         figures = [plots.privacy_utility(members, run / "privacy_utility.png", synthetic),
                    plots.per_finding_auroc(members, names, run / "auroc_per_finding.png", synthetic),
                    *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in ("sex", "age_group"))]
-    report = write_report(run / "report.html", f"dpmedtf evaluation: {job.name}", members, sweep, figures, synthetic)
+    report = write_report(run_dir.report, f"dpmedtf evaluation: {job.name}", members, sweep, figures, synthetic)
     return members, report

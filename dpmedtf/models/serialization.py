@@ -6,6 +6,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from dpmedtf.errors import ModelError
 from dpmedtf.models import acs  # noqa: F401  (registers ACSConv with Keras' serialisation)
 
 
@@ -25,5 +26,9 @@ def load_model(path: str | Path) -> tf.keras.Model:
     """Loads what ``save_model`` wrote (architecture and weights; the optimizer state is not restored)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no model at {path}")
-    return tf.keras.models.load_model(path, compile=False)
+        raise ModelError(f"no model at {path}")
+    try:
+        return tf.keras.models.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # h5py/zip/Keras errors for a damaged or foreign file
+        raise ModelError(f"{path}: cannot load the model ({type(exc).__name__}: {exc}); it is damaged or not a "
+                         "Keras model saved by dpmedtf (train again, or point at the right file)") from None

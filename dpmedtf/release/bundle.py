@@ -23,8 +23,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dpmedtf import __version__
-from dpmedtf.errors import DpmedtfError
-from dpmedtf.files import json_safe, sha256_file
+from dpmedtf.errors import DpmedtfError, OutputError, OutputExistsError
+from dpmedtf.files import json_safe, read_json_object, sha256_file
+from dpmedtf.layout import ModelDir
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release import export
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
@@ -67,23 +68,23 @@ def load_candidate(member_dir: str | os.PathLike) -> ReleaseCandidate:
     """Reads what training and evaluation wrote into ``member_dir``; says which step is missing."""
     from dpmedtf.models import load_model
 
-    member_dir = Path(member_dir)
-    needed = {"model.keras": "train", "training.json": "train", "evaluation/metrics.json": "evaluate",
-              "evaluation/thresholds.json": "evaluate", "evaluation/fairness_report.json": "evaluate"}
-    for name, stage in needed.items():
-        if not (member_dir / name).exists():
-            raise DpmedtfError(f"{member_dir / name} is missing: run `dpmedtf {stage}` on this job first")
-    training = json.loads((member_dir / "training.json").read_text())
+    files = ModelDir(member_dir)
+    member_dir = files.root
+    needed = {files.model: "train", files.training_record: "train", files.metrics: "evaluate",
+              files.thresholds: "evaluate", files.fairness_report: "evaluate"}
+    for path, stage in needed.items():
+        if not path.exists():
+            raise DpmedtfError(f"{path} is missing: run `dpmedtf {stage}` on this job first")
+    training = read_json_object(files.training_record, "the training summary")
     if training.get("status") != "finished":
         raise DpmedtfError(f"{member_dir}: training has not finished (status {training.get('status')!r})")
-    if not (member_dir / "ledger.json").exists():
+    if not files.ledger.exists():
         raise DpmedtfError(f"{member_dir} holds a model trained without differential privacy (no ledger.json); "
                            "only DP-trained models can be released with a privacy certificate")
-    evaluation = member_dir / "evaluation"
-    return ReleaseCandidate(member_dir, load_model(member_dir / "model.keras"), Ledger.load(member_dir / "ledger.json"),
-                            training, json.loads((evaluation / "thresholds.json").read_text()),
-                            json.loads((evaluation / "metrics.json").read_text()),
-                            json.loads((evaluation / "fairness_report.json").read_text()))
+    return ReleaseCandidate(member_dir, load_model(files.model), Ledger.load(files.ledger), training,
+                            read_json_object(files.thresholds, "the evaluation's thresholds"),
+                            read_json_object(files.metrics, "the evaluation's metrics"),
+                            read_json_object(files.fairness_report, "the fairness report"))
 
 
 def _patient_privacy(certificate: dict) -> str:
@@ -132,8 +133,8 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
     """Exports, certifies, checks policy, writes, signs and verifies; returns the bundle directory."""
     out = Path(out)
     if out.exists():
-        raise DpmedtfError(f"{out} already exists: a release is never overwritten. Choose another --out "
-                           "(or a new release.model_version)")
+        raise OutputExistsError(f"{out} already exists: a release is never overwritten. Choose another --out "
+                                "(or a new release.model_version)")
     private_key = Path(private_key)
     public_key = Path(public_key) if public_key else private_key.with_suffix(".pub")
     if not public_key.is_file():
@@ -156,8 +157,11 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
                          model_version, public_key)
     export.set_metadata(proto, _onnx_properties(metadata))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the bundle there ({exc.strerror or exc}); choose another --out") from None
     try:
         (staging / MODEL_FILE).write_bytes(proto.SerializeToString())
         (staging / CERTIFICATE_FILE).write_bytes(certificate_data)
@@ -173,6 +177,12 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
             raise DpmedtfError("internal error, the new bundle fails verification: " + "; ".join(report.failures))
         staging.chmod(0o755)  # mkdtemp made it private; a published bundle is for reading
         os.rename(staging, out)  # fails rather than replace if something created `out` meanwhile
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, DpmedtfError):
+            raise
+        raise OutputError(f"{out}: writing the bundle failed ({exc.strerror or exc}); nothing was published. "
+                          "Free disk space or choose another --out, then release again") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -202,7 +212,8 @@ def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: 
         "thresholds": candidate.thresholds,
         "thresholds_chosen_on": "validation split (Youden index)",
         "preprocessing": preprocessing,
-        "model": {"architecture": "resnet9", "parameters": int(model.count_params()),
+        "model": {"architecture": candidate.training["config"]["model"]["architecture"],
+                  "parameters": int(model.count_params()),
                   "activation": candidate.training["config"]["model"]["activation"]},
         "export": {"opset": export.OPSET, "parity": parity},
         "privacy": {"epsilon": certificate["epsilon"], "delta": certificate["delta"],
@@ -299,7 +310,8 @@ def model_card(candidate: ReleaseCandidate, metadata: Mapping[str, Any], certifi
         "title": title, "synthetic_banner": f"> **{notice}**" if synthetic else "",
         "model_version": metadata["model_version"], "created_at": metadata["created_at"],
         "dpmedtf_version": metadata["dpmedtf_version"], "task": metadata["task"],
-        "architecture_detail": "2D" if preprocessing["modality"] == "radiograph" else "ACS-3D",
+        "architecture": (f"GroupNorm ResNet9 ({'2D' if preprocessing['modality'] == 'radiograph' else 'ACS-3D'})"
+                         if metadata["model"]["architecture"] == "resnet9" else metadata["model"]["architecture"]),
         "parameters": f"{metadata['model']['parameters']:,}",
         "input_shape": "(" + ", ".join(str(s) for s in metadata["input"]["shape"]) + ")",
         "n_labels": len(metadata["labels"]),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dpmedtf.config import JobConfig
 from dpmedtf.errors import ConfigError
+from dpmedtf.layout import RunDir
 from dpmedtf.release.bundle import build_bundle, load_candidate
 from dpmedtf.release.policy import load_policy
 
@@ -40,7 +41,8 @@ def release_job(job: JobConfig, run: str | os.PathLike, out: str | os.PathLike |
     if settings.private_key is None:
         raise ConfigError("release.private_key is required: the P-256 key (PEM) that signs the bundle; "
                           "create one with `dpmedtf keygen`")
-    return build_bundle(load_candidate(run / name if name else run), Path(out) if out else run / "bundle",
+    run_dir = RunDir(run)
+    return build_bundle(load_candidate(run_dir.member(name).root), Path(out) if out else run_dir.bundle,
                         load_policy(settings.policy), settings.private_key, settings.public_key,
                         model_version=settings.model_version, intended_use=settings.intended_use,
                         selected_from=len(sweep_members(job)), override_reason=override_reason, job_name=job.name)

@@ -10,17 +10,24 @@ from dpmedtf.config import JobConfig, resolve
 from dpmedtf.data.cache import PreparedData, PreprocessSpec, prepare
 from dpmedtf.data.manifests import load_manifest
 from dpmedtf.errors import ConfigError
+from dpmedtf.layout import RunDir
+from dpmedtf.training.distribution import strategy_for
 from dpmedtf.training.trainer import TrainingResult, train
 
 
 def prepare_data(config: JobConfig, out_dir: Path, progress=None) -> PreparedData:
+    """The job's manifest loaded, checked and preprocessed into the cache (reused when unchanged).
+
+    A multi-worker job joins its cluster first: TensorFlow must not run anything before that.
+    """
+    strategy_for(config.training)
     data = config.data
     if data.manifest is None:
         raise ConfigError("data.manifest is required to train: give the path of the manifest CSV")
     cohort = load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)
     spec = PreprocessSpec(data.modality, image_size=data.image_size, volume_shape=data.volume_shape,
                           hu_window=data.hu_window, dicom_decoder=data.dicom_decoder)
-    return prepare(cohort, spec, data.cache_dir or out_dir / "cache", skip_bad=data.skip_bad, progress=progress)
+    return prepare(cohort, spec, data.cache_dir or RunDir(out_dir).cache, skip_bad=data.skip_bad, progress=progress)
 
 
 def sweep_members(config: JobConfig) -> list[tuple[str, JobConfig]]:
@@ -46,9 +53,14 @@ def sweep_members(config: JobConfig) -> list[tuple[str, JobConfig]]:
     return members
 
 
+def train_members(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
+                  force: bool = False) -> list[TrainingResult]:
+    """Trains the job, or each run of its ε sweep into its own subdirectory."""
+    run_dir = RunDir(out_dir)
+    return [train(member, prepared, run_dir.member(name).root, force=force)
+            for name, member in sweep_members(config)]
+
+
 def run_training_job(config: JobConfig, out_dir: str | os.PathLike, force: bool = False,
                      progress=None) -> list[TrainingResult]:
-    out_dir = Path(out_dir)
-    prepared = prepare_data(config, out_dir, progress)
-    return [train(member, prepared, out_dir / name if name else out_dir, force=force)
-            for name, member in sweep_members(config)]
+    return train_members(config, prepare_data(config, Path(out_dir), progress), out_dir, force)

@@ -1,9 +1,4 @@
-"""The mechanism's randomness against the adversary of DESIGN.md, who holds the job file and the run records.
-
-The first step's loss (logged to TensorBoard, a public run record) is the mean loss of that step's
-Poisson batch at the initial weights, which `training.seed` fixes; the noise does not enter it. So two
-runs of one job file log the same first loss exactly when they drew the same first batch.
-"""
+"""The mechanism's randomness against the adversary of DESIGN.md, who holds the job file and the run records."""
 
 import json
 import subprocess
@@ -25,12 +20,18 @@ DPMEDTF = str(Path(sys.executable).with_name("dpmedtf"))
 TRAINING = {"steps": 1, "batch_size": 8, "max_physical_batch": 8, "seed": 0}
 
 
-def first_loss(run: Path) -> float:
-    values = [float(tf.make_ndarray(value.tensor)) for file in (run / "tensorboard" / "privacy").glob("events*")
-              for event in tf.compat.v1.train.summary_iterator(str(file)) for value in event.summary.value
-              if value.tag == "train/loss"]
-    assert len(values) == 1
-    return values[0]
+def logged(run: Path) -> dict[str, list[float]]:
+    """Every scalar in the run's TensorBoard files, by tag (Keras' own and dpmedtf's privacy log)."""
+    tags = {}
+    for file in (run / "tensorboard").rglob("events*"):
+        for event in tf.compat.v1.train.summary_iterator(str(file)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    return tags
+
+
+def model_weights(run: Path) -> list[np.ndarray]:
+    return tf.keras.models.load_model(run / "model.keras").get_weights()
 
 
 def train_cli(job: Path, out: Path) -> None:
@@ -48,11 +49,13 @@ def test_one_job_file_trained_twice_draws_different_batches_unless_noise_seed_fi
                                                                   "noise_seed": 42}, TRAINING, name="seeded"))
     for run in ("c", "d"):
         train(seeded_job, prepared, tmp_path / run)
-    assert first_loss(tmp_path / "a") != first_loss(tmp_path / "b")  # the job file does not decide the batch
-    assert first_loss(tmp_path / "c") == first_loss(tmp_path / "d")  # the published seed does
-    same = [np.array_equal(x, y) for x, y in zip(*(tf.keras.models.load_model(tmp_path / r / "model.keras").get_weights()
-                                                   for r in ("c", "d")))]
-    assert all(same)  # sampling and noise both fixed: the same model
+    assert not all(np.array_equal(x, y) for x, y in zip(model_weights(tmp_path / "a"), model_weights(tmp_path / "b")))
+    # sampling and noise both fixed by the published seed: the same model
+    assert all(np.array_equal(x, y) for x, y in zip(model_weights(tmp_path / "c"), model_weights(tmp_path / "d")))
+    # The training loss of the private batches is outside DP: no DP run's records carry it, only ε.
+    for run in "abcd":
+        tags = logged(tmp_path / run)
+        assert "privacy/epsilon" in tags and not any("loss" in tag for tag in tags), tags
     assert Ledger.load(tmp_path / "a" / "ledger.json").notes["randomness"] == "secret"
     assert Ledger.load(tmp_path / "c" / "ledger.json").notes["randomness"] == "experiment"
 
@@ -60,7 +63,7 @@ def test_one_job_file_trained_twice_draws_different_batches_unless_noise_seed_fi
 def test_the_secret_is_in_no_run_record_and_erased_from_the_kept_checkpoint(cohort_manifest, prepared, tmp_path):
     """With a seed-derived key (so the test knows it), nothing but the checkpoint ever held it, and after
     training not even that: the kept checkpoint's key is zero and cannot be resumed."""
-    from dpmedtf.training.trainer import _run_secret, latest_checkpoint
+    from dpmedtf.training.checkpoints import latest_checkpoint, run_secret_of
 
     job = job_file(tmp_path, cohort_manifest, {"noise_multiplier": 1.0, "delta": 1e-3, "noise_seed": 7},
                    {**TRAINING, "steps": 2, "checkpoint_every_steps": 1}, name="job")
@@ -78,7 +81,7 @@ def test_the_secret_is_in_no_run_record_and_erased_from_the_kept_checkpoint(coho
     assert not np.any(words)
     (run / "model.keras").unlink()
     with pytest.raises(Exception, match="secret was erased"):
-        _run_secret(load_config(job), latest_checkpoint(run / "checkpoints"))
+        run_secret_of(latest_checkpoint(run / "checkpoints"), load_config(job).privacy.noise_seed)
 
 
 def test_release_refuses_a_reproducible_experiment_under_the_default_policy(cohort_manifest, tmp_path):

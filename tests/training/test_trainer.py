@@ -18,7 +18,8 @@ from dpmedtf.privacy import accounting as acc
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.randomness import RunSecret
 from dpmedtf.training.job import sweep_members
-from dpmedtf.training.trainer import BudgetExceededError, _build_network, plan_training, train
+from dpmedtf.training.network import build_network
+from dpmedtf.training.trainer import BudgetExceededError, plan_training, train
 from tests.training.conftest import job_file
 
 DPMEDTF = str(Path(sys.executable).with_name("dpmedtf"))
@@ -149,7 +150,7 @@ def test_non_private_baseline_and_transfer_from_pretrained_weights(prepared, tmp
     cfg = config({"target_epsilon": 8.0, "delta": 1e-3},
                  model={"pretrained_weights": str(baseline.model_path), "activation": "relu",
                         "pretrained_on": "a public cohort (here: synthetic)"})
-    network = _build_network(cfg, prepared, 8)
+    network = build_network(cfg, prepared, 8)
     np.testing.assert_array_equal(network.get_layer("stage3_conv1").get_weights()[0],
                                   pretrained.get_layer("stage3_conv1").get_weights()[0])
     result = train(dataclass_steps(cfg, 2), prepared, tmp_path / "finetuned")
@@ -179,7 +180,7 @@ def test_epsilon_sweep_trains_each_target_and_the_baseline_with_shared_settings(
 
 def test_class_weight_choices_are_recorded_in_the_ledger(prepared):
     from dpmedtf.training.losses import inverse_frequency_weights, prior_weights
-    from dpmedtf.training.trainer import _initial_ledger
+    from dpmedtf.training.data_uses import initial_ledger
 
     labels = np.array([[1, 0], [0, 0], [0, 0], [1, 1]], np.float32)
     positive, negative = inverse_frequency_weights(labels)
@@ -191,11 +192,11 @@ def test_class_weight_choices_are_recorded_in_the_ledger(prepared):
     for weights, private in (("inverse_frequency", True), ("public_prior", False)):
         cfg = config({"target_epsilon": 8.0, "delta": 1e-3},
                      {"class_weights": weights, **({"class_prior": list(prior)} if weights == "public_prior" else {})})
-        ledger = _initial_ledger(cfg, plan_training(cfg, prepared), prepared, secret, None)
+        ledger = initial_ledger(cfg, plan_training(cfg, prepared), prepared, secret, None)
         assert [(u["what"], u["private_data_used"]) for u in ledger.non_dp_uses
                 if u["what"] != "data split"] == [("class weights", private)]
     cfg = config({"target_epsilon": 8.0, "delta": 1e-3}, {"class_weights": "none"})
-    assert [u["what"] for u in _initial_ledger(cfg, plan_training(cfg, prepared), prepared, secret, None).non_dp_uses
+    assert [u["what"] for u in initial_ledger(cfg, plan_training(cfg, prepared), prepared, secret, None).non_dp_uses
             if u["what"] != "data split"] == []
     with pytest.raises(Exception, match="class_prior"):
         config({"target_epsilon": 8.0}, {"class_weights": "public_prior"})
@@ -221,12 +222,12 @@ def test_fast_and_vectorized_engines_train_the_same_model(prepared, tmp_path):
     for fast, vectorized in zip(models["fast"], models["vectorized"]):
         np.testing.assert_allclose(fast, vectorized, rtol=1e-4, atol=1e-5)
     tf.keras.utils.set_random_seed(0)  # as train() does before building the network
-    initial = _build_network(config({"noise_multiplier": 1.0, "delta": 1e-3}), prepared, 8).get_weights()
+    initial = build_network(config({"noise_multiplier": 1.0, "delta": 1e-3}), prepared, 8).get_weights()
     assert all(not np.array_equal(a, b) for a, b in zip(models["fast"], initial))  # every weight moved
 
 
 def test_weights_pretrained_without_dp_on_the_same_manifest_are_refused(cohort_manifest, prepared, tmp_path):
-    from dpmedtf.training.trainer import check_pretraining_is_public
+    from dpmedtf.training.network import check_pretraining_is_public
 
     public = load_config(job_file(tmp_path, cohort_manifest, {"enabled": False}, {**SMALL, "steps": 1}, name="public"))
     baseline = train(public, prepared, tmp_path / "baseline")
