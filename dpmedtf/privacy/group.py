@@ -72,7 +72,10 @@ def patient_level(ledger) -> dict:
                 "method": f"the unit of privacy is the patient: a sampled patient contributes at most {k} image(s) "
                           f"to a step, each clipped to C/{k}, so the patient's whole contribution to a step is "
                           "clipped to C"}
-    k = int(notes.get("images_per_patient_max") or 1)
+    if notes.get("images_per_patient_max") is None:  # e.g. make_private without max_examples_per_person
+        return {"epsilon": None, "delta": ledger.delta, "max_images_per_patient": None,
+                "method": "not bounded: how many training examples one person contributes was not stated"}
+    k = int(notes["images_per_patient_max"])
     bounds = [group_epsilon(event, ledger.delta, k, accountant) for accountant in ("pld", "rdp")]
     group = min(bounds, key=lambda g: g.epsilon)
     return {"epsilon": group.epsilon if math.isfinite(group.epsilon) else None,  # None: no finite bound exists

@@ -28,6 +28,7 @@ SOFTWARE = ("dpmedtf", "tensorflow", "tensorflow-privacy", "dp-accounting", "tf2
 
 RELATION_TEXT = {
     "image": "datasets that differ by adding or removing one image",
+    "example": "datasets that differ by adding or removing one training example",
     "patient": "datasets that differ by adding or removing all images of one patient",
 }
 
@@ -126,7 +127,7 @@ def _mechanisms(ledger: Ledger) -> list[dict[str, Any]]:
 
 def plain_statement(certificate: Mapping[str, Any]) -> str:
     unit = certificate["unit_of_privacy"]
-    who = "patient (all of that patient's images)" if unit == "patient" else "image"
+    who = {"patient": "patient (all of that patient's images)", "example": "training example"}.get(unit, "image")
     n = certificate["dataset_size"]
     if not certificate["randomness"]["secret"]:
         return ("NO DIFFERENTIAL PRIVACY GUARANTEE APPLIES: this was a reproducible experiment whose batch sampling "
@@ -137,7 +138,7 @@ def plain_statement(certificate: Mapping[str, Any]) -> str:
     private_uses = [u["what"] for u in certificate["non_dp_uses_of_private_data"] if u["private_data_used"]]
     releases = [m["what"] for m in certificate["mechanisms"] if m["what"] != "DP-SGD"]
     text = (f"This model was trained with differentially private SGD (DP-SGD) on {n:,} "
-            f"{'patients' if unit == 'patient' else 'images'}"
+            f"{ {'patient': 'patients', 'example': 'training examples'}.get(unit, 'images')}"
             + (f" (and a DP release of its {', '.join(releases)}, included in ε)" if releases else "") + ". "
             + ("Apart from the uses of private data listed at the end, for" if private_uses else "For")
             + f" any single {who}, whether or not it was in the training data changes the probability of any "
@@ -156,6 +157,14 @@ def plain_statement(certificate: Mapping[str, Any]) -> str:
                  if patient["epsilon"] is not None else "not bounded by group privacy at this δ")
         text += (f" The unit of privacy is one image; for a patient with up to {patient['max_images_per_patient']} "
                  f"images the guarantee is {level}.")
+    elif unit == "example" and patient.get("max_images_per_patient") is None:
+        text += (" The unit of privacy is one training example; how many examples one person contributed was not "
+                 "stated, so no guarantee for a person with several examples is certified.")
+    elif unit == "example" and patient["max_images_per_patient"] > 1:
+        level = (f"ε = {patient['epsilon']:.4g} at δ = {patient['delta']:g} (group privacy)"
+                 if patient["epsilon"] is not None else "not bounded by group privacy at this δ")
+        text += (f" The unit of privacy is one training example; for a person with up to "
+                 f"{patient['max_images_per_patient']} examples the guarantee is {level}.")
     elif unit == "patient":
         text += (" Each sampled patient's whole contribution to a step was clipped to norm "
                  f"{certificate['clip_norm']:g} (each of up to {certificate['images_per_patient']['max_per_step']} "
@@ -173,6 +182,14 @@ def plain_statement(certificate: Mapping[str, Any]) -> str:
 
 def check_consistency(certificate: Mapping[str, Any]) -> list[str]:
     """Problems with a certificate's internal arithmetic (empty when it holds together)."""
+    try:
+        return _consistency_problems(certificate)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        # Only a certificate that breaks its schema in ways the schema does not pin down gets here.
+        return [f"certificate is malformed ({type(exc).__name__}: {exc})"]
+
+
+def _consistency_problems(certificate: Mapping[str, Any]) -> list[str]:
     problems = []
     try:
         event = accounting.dp_event_from_json(certificate["dp_event"])
