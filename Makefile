@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow" tests
+	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 tests
 
 # The whole product on the embedded SYNTHETIC cohort; re-running resumes or skips finished stages.
 demo: $(STAMP)
@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/data_pipeline.py
 	$(VENV)/bin/python benchmarks/bootstrap.py
 	$(VENV)/bin/python benchmarks/dp_engines.py --large 128:224
+	$(VENV)/bin/python benchmarks/keras_api.py
+	$(VENV)/bin/python benchmarks/keras_api.py --large --repeats 3 --steps 15 --warmup 3
 	$(VENV)/bin/python benchmarks/distributed.py
 	$(VENV)/bin/python benchmarks/synthetic_utility.py
 	$(VENV)/bin/python benchmarks/mia_audit.py
