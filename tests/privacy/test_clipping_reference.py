@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from dpmedtf.models import ACSConv, build_resnet9, convert_to_acs
 from dpmedtf.privacy.clipping import fast_clipped_gradient_sum, make_layer_registry
-from dpmedtf.privacy.clipping import registry as registry_module
+from dpmedtf.privacy.clipping import rules as rules_module
 
 L = tf.keras.layers
 BIAS = {"use_bias": True, "bias_initializer": "random_normal"}
@@ -118,7 +118,7 @@ class PathSpy:
         self.calls = {"ghost_conv": 0, "instantiated_conv": 0, "ghost_dense": 0}
         for name, key in (("conv_ghost_squared_norms", "ghost_conv"),
                           ("per_example_conv_kernel_grads", "instantiated_conv"), ("gram_squared_norms", "ghost_dense")):
-            monkeypatch.setattr(registry_module, name, self._counting(getattr(registry_module, name), key))
+            monkeypatch.setattr(rules_module, name, self._counting(getattr(rules_module, name), key))
 
     def _counting(self, function, key):
         def counted(*args, **kwargs):
