@@ -5,13 +5,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from dpmedtf.errors import OutputError, RecordError
+
+
+@contextmanager
+def removed_on_failure(staging: Path, failure: Callable[[OSError], str]) -> Iterator[Path]:
+    """For filling a staging directory that is renamed into place at the end: on any failure the staging
+    directory is removed, and an OSError becomes an OutputError with the message ``failure(error)``."""
+    try:
+        yield staging
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise
+        raise OutputError(failure(exc)) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

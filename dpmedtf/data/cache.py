@@ -32,6 +32,7 @@ import pandas as pd
 from dpmedtf.data import radiograph, volume
 from dpmedtf.data.manifests import Cohort
 from dpmedtf.errors import ConfigError, DataError, OutputError, RecordError
+from dpmedtf.files import removed_on_failure
 
 CACHE_FORMAT = 1
 Progress = Callable[[int, int], None]
@@ -109,7 +110,8 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
     except OSError as exc:
         raise OutputError(f"{cache_root}: cannot create the cache directory ({exc.strerror or exc}); choose another "
                           "--cache or data.cache_dir") from None
-    try:
+    with removed_on_failure(staging, lambda exc: f"{cache_root}: cannot write the cache ({exc.strerror or exc}); "
+                                                 "free disk space or choose another --cache or data.cache_dir"):
         array = np.lib.format.open_memmap(staging / "data.npy", mode="w+", dtype=spec.dtype,
                                           shape=(len(cohort.frame), *spec.item_shape))
         writer = _prepare_radiographs if spec.modality == "radiograph" else _prepare_volumes
@@ -132,15 +134,6 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
             if not (directory / "meta.json").is_file():
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, OutputError):
-            raise
-        raise OutputError(f"{cache_root}: cannot write the cache ({exc.strerror or exc}); free disk space or choose "
-                          "another --cache or data.cache_dir") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return _load(directory, cohort, spec)
 
 

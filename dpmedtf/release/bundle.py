@@ -24,7 +24,7 @@ import numpy as np
 
 from dpmedtf import __version__
 from dpmedtf.errors import DpmedtfError, OutputError, OutputExistsError
-from dpmedtf.files import json_safe, read_json_object, sha256_file
+from dpmedtf.files import json_safe, read_json_object, removed_on_failure, sha256_file
 from dpmedtf.layout import ModelDir
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release import export
@@ -162,7 +162,9 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the bundle there ({exc.strerror or exc}); choose another --out") from None
-    try:
+    with removed_on_failure(staging, lambda exc: f"{out}: writing the bundle failed ({exc.strerror or exc}); nothing "
+                                                 "was published. Free disk space or choose another --out, then release "
+                                                 "again"):
         (staging / MODEL_FILE).write_bytes(proto.SerializeToString())
         (staging / CERTIFICATE_FILE).write_bytes(certificate_data)
         (staging / FAIRNESS_FILE).write_text(json.dumps(candidate.fairness_report, indent=2) + "\n")
@@ -177,15 +179,6 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
             raise DpmedtfError("internal error, the new bundle fails verification: " + "; ".join(report.failures))
         staging.chmod(0o755)  # mkdtemp made it private; a published bundle is for reading
         os.rename(staging, out)  # fails rather than replace if something created `out` meanwhile
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, DpmedtfError):
-            raise
-        raise OutputError(f"{out}: writing the bundle failed ({exc.strerror or exc}); nothing was published. "
-                          "Free disk space or choose another --out, then release again") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
