@@ -1,7 +1,7 @@
 """Membership-inference audit on the SYNTHETIC cohort: a DP model (ε = 8) vs a deliberately overfit
 non-private model (no augmentation, high learning rate, many epochs on few images).
 
-Attack AUCs come with their standard error (dpmedtf.privacy.audit, Hanley–McNeil; n members = n non-members).
+Attack AUCs come with their standard error (dpmedtf.privacy.audit.membership, Hanley–McNeil; n members = n non-members).
 Writes benchmarks/results/mia_audit.json. Usage: python benchmarks/mia_audit.py [--patients 800] [--out-dir DIR]
 """
 

@@ -21,7 +21,7 @@ from dpmedtf.evaluation.fairness import fairness_rows
 from dpmedtf.evaluation.metrics import binary_rates, youden_threshold
 from dpmedtf.files import json_safe, write_json_atomic
 from dpmedtf.layout import EvaluationDir
-from dpmedtf.privacy.audit import membership_inference_audit, per_label_losses
+from dpmedtf.privacy.audit.membership import membership_inference_audit, per_label_losses
 
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from dpmedtf.privacy.audit import attack, membership_inference_audit, per_label_losses
+from dpmedtf.privacy.audit.membership import attack, membership_inference_audit, per_label_losses
 
 
 def losses(n, scale, seed):
