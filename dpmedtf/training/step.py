@@ -52,16 +52,20 @@ class GradientStep:
                   noise_seeds=None, noise=None) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
         """(gradient per trainable variable, summed loss, example count) of this replica's shard."""
         sums, loss_sum, count = self.clipped_sums(network, inputs, targets, per_example_loss)
+        return self.released(sums, count, noise_seeds, noise), loss_sum, count
+
+    def released(self, sums: list[tf.Tensor], count, noise_seeds=None, noise=None) -> list[tf.Tensor]:
+        """What the optimizer applies from this replica's sums of ``count`` examples: with DP the noised sum
+        over the expected batch size (noise once, on replica 0), without DP the mean over the step's examples."""
         replica = tf.distribute.get_replica_context()
         if self.mechanism is None:
             examples = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(count, tf.float32))
-            return [total / tf.maximum(examples, 1.0) for total in sums], loss_sum, count
+            return [total / tf.maximum(examples, 1.0) for total in sums]
         normaliser = self.mechanism.normaliser
-        gradients = tf.cond(
+        return tf.cond(
             tf.equal(replica.replica_id_in_sync_group, 0),
             lambda: noised_mean(sums, self.mechanism.noise_stddev, normaliser, noise_seeds, noise),
             lambda: [total / normaliser for total in sums])
-        return gradients, loss_sum, count
 
     def clipped_sums(self, network: tf.keras.Model, inputs, targets, per_example_loss: PerExampleLoss):
         """Σ of the shard's per-example gradients (clipped with DP), its summed loss and its size."""
@@ -112,7 +116,7 @@ class StepModel(tf.keras.Model):
         self.run_secret = tf.Variable(secret.to_words(), dtype=tf.int64, trainable=False, name="run_secret")
         self.step_optimizer = optimizer
         # Slots now, not on the first traced step: mirrored variables created inside a tf.function fail.
-        _create_slots(optimizer, network.trainable_variables)
+        create_optimizer_slots(optimizer, network.trainable_variables)
         self.loss_tracker = tf.keras.metrics.Mean(name="loss")
 
     def call(self, inputs, training=False):
@@ -137,7 +141,7 @@ class StepModel(tf.keras.Model):
         return {"loss": self.loss_tracker.result()}
 
 
-def _create_slots(optimizer, variables) -> None:
+def create_optimizer_slots(optimizer, variables) -> None:
     """The optimizer's slot variables for ``variables``, created now (Keras 2 legacy and new optimizers)."""
     if hasattr(optimizer, "_create_all_weights"):  # legacy optimizers
         optimizer._create_all_weights(variables)
