@@ -269,11 +269,58 @@ _FORCE_STAGES = typer.Option([], "--force", metavar="STAGE",
                              help="Redo a finished stage (prepare, train, evaluate, release); repeatable. Recorded.")
 
 
+class AuditKind(str, Enum):
+    white_box = "white-box"
+    black_box = "black-box"
+
+
+@app.command("audit")
+def audit(config: Path = typer.Argument(..., help="The DP job YAML whose mechanism to audit."),
+          out: Path = typer.Option(..., "--out", help="Directory for audit.json, the figure and the twin's ledger."),
+          kind: Optional[AuditKind] = typer.Option(None, "--kind",
+                                                   help="white-box: gradient canaries scored on the updates "
+                                                        "(strongest); black-box: canary images scored by the final "
+                                                        "model's loss. Default: the job's audit.kind (white-box)."),
+          canaries: Optional[int] = typer.Option(None, "--canaries", help="Canaries m, each included with "
+                                                 "probability ½. Default: the job's audit.canaries (1000)."),
+          confidence: Optional[float] = typer.Option(None, "--confidence", help="Confidence of the lower bound. "
+                                                     "Default: the job's audit.confidence (0.95)."),
+          member: Optional[str] = typer.Option(None, "--member",
+                                               help="For an ε sweep: which model to audit (default release.member)."),
+          force: bool = typer.Option(False, "--force", help="Audit again over an existing audit.json.")) -> None:
+    """Canary audit: train a twin of the job's DP model with secret canaries → a measured ε lower bound."""
+    from dpmedtf.config import load_config
+    from dpmedtf.evaluation.canary_audit import run_canary_audit
+    from dpmedtf.progress import progress_bar
+
+    job = load_config(config)
+    with progress_bar("preparing data", 1) as advance:
+        result = run_canary_audit(job, out, kind=kind.value if kind else job.audit.kind,
+                                  canaries=job.audit.canaries if canaries is None else canaries,
+                                  confidence=job.audit.confidence if confidence is None else confidence,
+                                  member=member, force=force, progress=advance)
+    r = result.record
+    synthetic = " — SYNTHETIC DATA" if r["synthetic_data"] else ""
+    typer.echo(f"measured ε ≥ {r['epsilon_lower_bound']:.3g} ({r['confidence']:.0%} confidence, δ = {r['delta']:g}, "
+               f"{r['kind']}, {r['correct_guesses']}/{r['guesses']} guesses right, {r['canaries']} canaries); "
+               f"certified ε = {r['certified_epsilon']:.4g}{synthetic}")
+    if not r["can_refute_certificate"]:
+        typer.echo(f"note: with {r['canaries']} canaries even a perfect attacker shows at most ε ≥ "
+                   f"{r['epsilon_lower_bound_ceiling']:.3g}, below the certified ε, so this audit could not refute it; "
+                   "more canaries raise that ceiling (about log m)", err=True)
+    if r["epsilon_lower_bound"] > r["certified_epsilon"]:
+        typer.echo("WARNING: the measured lower bound exceeds the certified ε: the implementation does less than "
+                   "its certificate claims (or this was the 1 − confidence chance); do not release", err=True)
+    typer.echo(f"{result.directory.record}")
+    if r["epsilon_lower_bound"] > r["certified_epsilon"]:
+        raise typer.Exit(code=1)
+
+
 @app.command("run")
 def run(pipeline: Path = typer.Argument(..., help="Pipeline YAML (a job with a `pipeline.stages` list)."),
         out: Path = typer.Option(..., "--out", help="Run directory; re-running resumes or skips finished stages."),
         force: list[str] = _FORCE_STAGES) -> None:
-    """Run a pipeline's stages: prepare → train → evaluate → release."""
+    """Run a pipeline's stages: prepare → train → (audit) → evaluate → release."""
     from dpmedtf.config import load_config
     from dpmedtf.runner import Pipeline
 

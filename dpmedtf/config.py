@@ -111,7 +111,16 @@ class ReleaseConfig:
                                "abdominal CT, to be read by a clinician.", "intended use, stated in the model card")
 
 
-STAGES = ("prepare", "train", "evaluate", "release")
+@dataclass(frozen=True)
+class AuditConfig:
+    kind: Literal["white-box", "black-box"] = option("white-box", "canary audit: white-box (gradient canaries scored on every update; the strongest attack) or black-box (canary images scored by the final model's loss)")
+    canaries: int = option(1000, "canaries m, each included in the audit twin with probability ½ (a real audit: about 1000)", ge=2)
+    confidence: float = option(0.95, "confidence of the measured ε lower bound", gt=0.0, lt=1.0)
+
+
+STAGES = ("prepare", "train", "audit", "evaluate", "release")
+DEFAULT_STAGES = ("prepare", "train", "evaluate", "release")
+"""The audit stage trains a second (twin) model: a job asks for it in pipeline.stages."""
 # The network's shape rules (models/resnet9.py), checked here so a job fails when loaded, not mid-run.
 RESNET9_WIDTHS = (64, 128, 256, 512)
 MIN_MODEL_INPUT = 32
@@ -119,8 +128,9 @@ MIN_MODEL_INPUT = 32
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    stages: tuple[Literal["prepare", "train", "evaluate", "release"], ...] = option(
-        STAGES, "stages `dpmedtf run` performs, in this order (a pipeline may stop early, e.g. without release)")
+    stages: tuple[Literal["prepare", "train", "audit", "evaluate", "release"], ...] = option(
+        DEFAULT_STAGES, "stages `dpmedtf run` performs, in this order (a pipeline may stop early, e.g. without "
+        "release); add audit (after train) for the canary audit of the DP model")
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ class JobConfig:
     privacy: PrivacyConfig = option(PrivacyConfig(), "differential privacy")
     training: TrainingConfig = option(TrainingConfig(), "optimisation")
     evaluation: EvaluationConfig = option(EvaluationConfig(), "evaluation")
+    audit: AuditConfig = option(AuditConfig(), "canary audit (`dpmedtf audit`, or the audit stage)")
     release: ReleaseConfig = option(ReleaseConfig(), "release bundle")
     pipeline: PipelineConfig = option(PipelineConfig(), "stages of `dpmedtf run`")
 

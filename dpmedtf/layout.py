@@ -114,6 +114,35 @@ class EvaluationDir:
 
 
 @dataclass(frozen=True)
+class AuditDir:
+    """What ``dpmedtf audit`` writes: the canary audit's result, its figure and the twin's ledger."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def record(self) -> Path:
+        """``audit.json``: the ε lower bound, its confidence and δ, the canaries, the guesses, the certified ε."""
+        return self.root / "audit.json"
+
+    @property
+    def figure(self) -> Path:
+        """The bound against the number of guesses, with the certified ε as a line."""
+        return self.root / "audit_bound.png"
+
+    @property
+    def twin_ledger(self) -> Path:
+        """What the job's mechanism claims for the twin's steps (the ``certified_epsilon`` of the record)."""
+        return self.root / "twin_ledger.json"
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        return (self.record, self.figure, self.twin_ledger)
+
+
+@dataclass(frozen=True)
 class RunDir:
     """A job's run directory."""
 
@@ -150,3 +179,8 @@ class RunDir:
     @property
     def summary_page(self) -> Path:
         return self.root / "index.html"
+
+    @property
+    def audit(self) -> AuditDir:
+        """The canary audit of the job's DP model (the pipeline's audit stage)."""
+        return AuditDir(self.root / "audit")

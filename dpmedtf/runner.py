@@ -1,4 +1,4 @@
-"""`dpmedtf run`: a job's stages — prepare → train → evaluate → release — resumable and on record.
+"""`dpmedtf run`: a job's stages — prepare → train → (audit) → evaluate → release — resumable and on record.
 
 Each finished stage leaves ``<out>/stages/<stage>.json`` with the resolved config and the SHA-256 of
 its inputs. Re-running skips a stage whose record matches; re-runs one whose inputs changed because an
@@ -82,6 +82,13 @@ def check_before_running(job: JobConfig) -> None:
             _check_sizes(member, cohort)
     if job.model.pretrained_weights is not None and not Path(job.model.pretrained_weights).exists():
         raise ConfigError(f"model.pretrained_weights: not found: {job.model.pretrained_weights}")
+    if "audit" in stages:
+        from dpmedtf.evaluation.canary_audit import audited_member
+
+        _, audited = audited_member(job, None)
+        if not audited.privacy.enabled:
+            raise ConfigError("the audit stage audits a DP model; set release.member to a DP member of the sweep, or "
+                              "remove audit from pipeline.stages")
     if "release" in job.pipeline.stages:
         from dpmedtf.release.job import release_member
         from dpmedtf.release.policy import load_policy
@@ -250,12 +257,36 @@ class Pipeline:
                              "epsilon": read_json_object(summary, "the training summary").get("epsilon")}
         return outputs
 
+    def _audit_inputs(self) -> dict:
+        return {"prepared": self._prepare_data().directory.name}
+
+    def _audit(self, force: bool) -> dict:
+        from dpmedtf.evaluation.canary_audit import run_canary_audit
+
+        settings = self.job.audit
+        # An unfinished audit left no record (audit.json is written last); the twin is never resumed.
+        result = run_canary_audit(self.job, self.out, audit_dir=self.run_dir.audit.root, kind=settings.kind,
+                                  canaries=settings.canaries, confidence=settings.confidence, force=True,
+                                  log=self.log)
+        record = result.record
+        self.log(f"  measured ε ≥ {record['epsilon_lower_bound']:.3g} ({record['confidence']:.0%} confidence, "
+                 f"{record['kind']}) vs certified ε = {record['certified_epsilon']:.4g}")
+        return {"audit": str(result.directory.record), "epsilon_lower_bound": record["epsilon_lower_bound"],
+                "certified_epsilon": record["certified_epsilon"]}
+
     def _model_hashes(self) -> dict:
         return {name: sha256_file(directory.model) if directory.model.is_file() else None
                 for name, directory, _ in self._members()}
 
+    def _audit_hash(self) -> str | None:
+        record = self.run_dir.audit.record
+        return sha256_file(record) if record.is_file() else None
+
     def _evaluate_inputs(self) -> dict:
-        return {"models": self._model_hashes()}
+        inputs = {"models": self._model_hashes()}
+        if "audit" in self.job.pipeline.stages:  # the report shows the audit's bound
+            inputs["audit"] = self._audit_hash()
+        return inputs
 
     def _evaluate(self, force: bool) -> dict:
         from dpmedtf.evaluation.job import evaluate_job
@@ -266,6 +297,8 @@ class Pipeline:
 
     def _release_inputs(self) -> dict:
         inputs = {"models": self._model_hashes()}
+        if "audit" in self.job.pipeline.stages:  # the certificate references the audit by hash
+            inputs["audit"] = self._audit_hash()
         for name, directory, _ in self._members():
             for path in (directory.metrics, directory.fairness_report, directory.thresholds):
                 inputs[f"{name}/{path.name}"] = sha256_file(path) if path.is_file() else None
@@ -294,7 +327,9 @@ def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], 
     links = []
     for label, relative in (("Evaluation report", "report.html"), ("Privacy–utility plot", "privacy_utility.png"),
                             ("AUROC per finding", "auroc_per_finding.png"), ("Subgroups by sex", "subgroups_sex.png"),
-                            ("Subgroups by age", "subgroups_age_group.png"), ("Release bundle", "bundle/"),
+                            ("Subgroups by age", "subgroups_age_group.png"),
+                            ("Canary audit (measured ε lower bound)", "audit/audit.json"),
+                            ("Canary audit figure", "audit/audit_bound.png"), ("Release bundle", "bundle/"),
                             ("Privacy certificate", "bundle/privacy_certificate.json"),
                             ("Model card", "bundle/model_card.md"), ("Fairness report", "bundle/fairness_report.md"),
                             ("Predictions on the real radiograph", "predictions_RG1_UNCR.csv")):

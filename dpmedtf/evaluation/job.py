@@ -10,6 +10,7 @@ import pandas as pd
 from dpmedtf.config import JobConfig
 from dpmedtf.errors import DpmedtfError, OutputExistsError
 from dpmedtf.evaluation import plots
+from dpmedtf.evaluation.canary_audit import read_audit
 from dpmedtf.evaluation.evaluate import evaluate
 from dpmedtf.evaluation.report import write_report
 from dpmedtf.evaluation.sweep import SweepMember, analyse_sweep
@@ -57,5 +58,7 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
         figures = [plots.privacy_utility(members, run / "privacy_utility.png", synthetic),
                    plots.per_finding_auroc(members, names, run / "auroc_per_finding.png", synthetic),
                    *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in ("sex", "age_group"))]
-    report = write_report(run_dir.report, f"dpmedtf evaluation: {job.name}", members, sweep, figures, synthetic)
+    audit = read_audit(run)
+    report = write_report(run_dir.report, f"dpmedtf evaluation: {job.name}", members, sweep, figures, synthetic,
+                          audit=audit, audit_figure=run_dir.audit.figure.relative_to(run) if audit else None)
     return members, report

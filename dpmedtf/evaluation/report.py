@@ -31,7 +31,37 @@ def _attack_auc(result: dict) -> str:
     return f"{_number(result['auc'])} ± {_number(result['auc_standard_error'])}"
 
 
-def write_report(out: Path, title: str, members: list, sweep: dict | None, figures: list[Path], synthetic: bool) -> Path:
+def _measured(audit: dict | None, member_name: str) -> str:
+    if not audit or audit.get("member") != member_name:
+        return "–"
+    return f"≥ {audit['epsilon_lower_bound']:.3g} ({audit['confidence']:.0%}, {html.escape(audit['kind'])})"
+
+
+def _audit_section(audit: dict, figure: Path | None) -> list[str]:
+    synthetic = " Measured on SYNTHETIC data." if audit.get("synthetic_data") else ""
+    over = audit["epsilon_lower_bound"] > audit["certified_epsilon"]
+    verdict = ("<p class='warn'>The measured lower bound EXCEEDS the certified ε: the implementation does less than "
+               "its certificate claims. Do not release.</p>" if over else "")
+    if not over and not audit.get("can_refute_certificate", True):
+        verdict = (f"<p class='warn'>With {audit['canaries']} canaries even a perfect attacker could show at most "
+                   f"ε ≥ {audit['epsilon_lower_bound_ceiling']:.3g}, below the certified ε: this audit could not have "
+                   "caught a mechanism weaker than certified. More canaries raise that ceiling (about log m).</p>")
+    parts = ["<h2>Canary audit: measured ε lower bound vs certified ε</h2>", verdict,
+             _table(["model", "measured ε ≥", "certified ε (twin)", "confidence", "δ", "kind", "canaries",
+                     "right guesses"],
+                    [[html.escape(str(audit["member"])), _number(audit["epsilon_lower_bound"]),
+                      _number(audit["certified_epsilon"]), f"{audit['confidence']:.0%}", f"{audit['delta']:g}",
+                      html.escape(audit["kind"]), audit["canaries"],
+                      f"{audit['correct_guesses']} of {audit['guesses']}"]]),
+             f"<p class='note'>{html.escape(audit['meaning'])} Method: {html.escape(audit['method'])}. Privacy cost "
+             f"for the released model: {html.escape(audit['privacy_cost_for_release'])}.{synthetic}</p>"]
+    if figure is not None:
+        parts.append(f"<img src='{html.escape(figure.as_posix())}' alt='canary audit bound'>")
+    return parts
+
+
+def write_report(out: Path, title: str, members: list, sweep: dict | None, figures: list[Path], synthetic: bool,
+                 audit: dict | None = None, audit_figure: Path | None = None) -> Path:
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{STYLE}</style>",
              f"<h1>{html.escape(title)}</h1>"]
     if synthetic:
@@ -39,15 +69,16 @@ def write_report(out: Path, title: str, members: list, sweep: dict | None, figur
     parts.append("<h2>Models (test split)</h2>")
     rows = []
     for m in sorted(members, key=lambda m: (m.epsilon is None, m.epsilon or 0)):
-        mean, audit = m.metrics["mean"], m.metrics.get("membership_inference", {}).get("entire_dataset", {})
+        mean, mia = m.metrics["mean"], m.metrics.get("membership_inference", {}).get("entire_dataset", {})
         rows.append([html.escape(m.name), "non-private" if m.epsilon is None else f"{m.epsilon:.4g} per {m.unit}",
                      "–" if m.epsilon is None else ("no finite bound" if m.patient_epsilon is None
                                                     else f"{m.patient_epsilon:.4g}"),
                      f"{_number(mean['auroc'])} [{_number(mean['auroc_ci_low'])}, {_number(mean['auroc_ci_high'])}]",
                      _number(mean["sensitivity"]), _number(mean["specificity"]), _number(mean["accuracy"]),
-                     _attack_auc(audit.get("threshold_attack", {})), _attack_auc(audit.get("trained_attack", {}))])
+                     _attack_auc(mia.get("threshold_attack", {})), _attack_auc(mia.get("trained_attack", {})),
+                     _measured(audit, m.name)])
     parts.append(_table(["model", "certified ε", "patient-level ε", "mean AUROC [95% CI]", "sensitivity", "specificity", "accuracy",
-                         "MIA AUC ± SE (threshold)", "MIA AUC ± SE (trained)"], rows))
+                         "MIA AUC ± SE (threshold)", "MIA AUC ± SE (trained)", "measured ε (canary audit)"], rows))
     parts.append("<p class='note'>Thresholds: Youden index on the validation split, applied unchanged to test. "
                  "MIA: training images (members) vs test images; 0.5 = the attacker cannot tell them apart.</p>")
     if sweep:
@@ -55,6 +86,8 @@ def write_report(out: Path, title: str, members: list, sweep: dict | None, figur
         rows = [[html.escape(m["name"]), _number(m["mean_auroc"]), _number(m["auroc_vs_positives"]["r"]),
                  _number(m.get("auroc_drop_vs_positives", {}).get("r"))] for m in sweep["models"]]
         parts.append(_table(["model", "mean AUROC", "Pearson r: AUROC vs positives", "Pearson r: DP drop vs positives"], rows))
+    if audit:
+        parts.extend(_audit_section(audit, audit_figure))
     for figure in figures:
         parts.append(f"<img src='{html.escape(figure.name)}' alt='{html.escape(figure.stem)}'>")
     parts.append("<h2>Subgroups (mean over findings)</h2>")
