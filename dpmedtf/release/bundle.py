@@ -31,8 +31,8 @@ from dpmedtf.release import export
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
 from dpmedtf.release.policy import ReleasePolicy, Violation, check_policy
 from dpmedtf.resources import release_file, schema_problems
-from dpmedtf.release.layout import (BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE,
-                                    PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED)
+from dpmedtf.release.layout import (AUDIT_FILE, BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE,
+                                    MODEL_FILE, PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED)
 from dpmedtf.release.signing import fingerprint, sign_bundle
 from dpmedtf.release.verify import verify_bundle
 
@@ -119,6 +119,24 @@ def evaluation_non_dp_uses(selected_from: int = 1) -> tuple[dict, ...]:
     return tuple(uses)
 
 
+def audit_reference(audit_data: bytes) -> dict:
+    """The certificate's reference to a canary audit: the file, its hash and its headline numbers."""
+    audit = json.loads(audit_data)
+    return {"file": AUDIT_FILE, "sha256": hashlib.sha256(audit_data).hexdigest(),
+            **{key: audit[key] for key in ("epsilon_lower_bound", "confidence", "delta", "kind", "canaries",
+                                           "certified_epsilon")},
+            "note": "a measured lower bound from one attack on an audit twin; the certified ε above is unchanged"}
+
+
+def _audit_sentence(audit: Mapping[str, Any] | None) -> str:
+    if not audit:
+        return ""
+    return (f"\n\n**Canary audit** (`{audit['file']}`): measured ε ≥ {audit['epsilon_lower_bound']:.3g} at "
+            f"{audit['confidence']:.0%} confidence ({audit['kind']}, {audit['canaries']} canaries) against the "
+            f"{audit['certified_epsilon']:.4g} the mechanism certifies for the audit twin. A lower bound from one "
+            "attack, not a proof of privacy.")
+
+
 def write_sums(bundle: Path) -> Path:
     """``SHA256SUMS`` in coreutils format over every file except itself and the signature."""
     names = sorted(p.name for p in bundle.iterdir() if p.is_file() and p.name not in UNSUMMED)
@@ -129,8 +147,12 @@ def write_sums(bundle: Path) -> Path:
 def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: ReleasePolicy,
                  private_key: str | os.PathLike, public_key: str | os.PathLike | None = None,
                  model_version: str = "1.0.0", intended_use: str = "", selected_from: int = 1,
-                 override_reason: str | None = None, job_name: str = "model") -> Path:
-    """Exports, certifies, checks policy, writes, signs and verifies; returns the bundle directory."""
+                 override_reason: str | None = None, job_name: str = "model",
+                 audit: str | os.PathLike | None = None) -> Path:
+    """Exports, certifies, checks policy, writes, signs and verifies; returns the bundle directory.
+
+    ``audit`` (an ``audit.json`` of ``dpmedtf audit`` on this model's mechanism) goes into the bundle, and
+    the certificate references it by hash next to its own ε, which the audit never changes."""
     out = Path(out)
     if out.exists():
         raise OutputExistsError(f"{out} already exists: a release is never overwritten. Choose another --out "
@@ -144,6 +166,9 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
     proto = export.to_onnx(candidate.model)
     parity = export.check_parity(candidate.model, proto, candidate.thresholds).to_json_dict()
     certificate = build_certificate(candidate.ledger, evaluation_non_dp_uses(selected_from))
+    audit_data = Path(audit).read_bytes() if audit is not None else None
+    if audit_data is not None:
+        certificate["empirical_audit"] = audit_reference(audit_data)
     problems = schema_problems(certificate, "privacy_certificate.schema.json") + \
         schema_problems(candidate.fairness_report, "fairness_report.schema.json")
     if problems:  # our own output breaking our own schema is a bug, never something to publish
@@ -172,6 +197,8 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
         (staging / METADATA_FILE).write_text(json.dumps(json_safe(metadata), indent=2) + "\n")
         (staging / "model_card.md").write_text(model_card(candidate, metadata, certificate, intended_use, job_name))
         shutil.copyfile(public_key, staging / PUBLIC_KEY_FILE)
+        if audit_data is not None:
+            (staging / AUDIT_FILE).write_bytes(audit_data)
         write_sums(staging)
         sign_bundle(staging, private_key)
         report = verify_bundle(staging, public_key)  # the release must pass what its consumers will run
@@ -324,7 +351,7 @@ def model_card(candidate: ReleaseCandidate, metadata: Mapping[str, Any], certifi
         "metrics_table": metrics_table, "subgroup_table": subgroup_table,
         "subgroup_warnings": ("Groups with too few positive or negative examples for reliable numbers: "
                               + ", ".join(warned) + ".") if warned else "",
-        "privacy_statement": certificate["statement"],
+        "privacy_statement": certificate["statement"] + _audit_sentence(certificate.get("empirical_audit")),
         "policy_section": policy_section,
         "synthetic_limitation": ("- Trained and evaluated on SYNTHETIC images: these numbers say nothing about "
                                  "performance on patients." if synthetic else ""),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dpmedtf.config import JobConfig
 from dpmedtf.errors import ConfigError
+from dpmedtf.files import read_json_object
 from dpmedtf.layout import RunDir
 from dpmedtf.release.bundle import build_bundle, load_candidate
 from dpmedtf.release.policy import load_policy
@@ -42,10 +43,20 @@ def release_job(job: JobConfig, run: str | os.PathLike, out: str | os.PathLike |
         raise ConfigError("release.private_key is required: the P-256 key (PEM) that signs the bundle; "
                           "create one with `dpmedtf keygen`")
     run_dir = RunDir(run)
+    audit = _audit_of(run_dir, name or job.name)
     return build_bundle(load_candidate(run_dir.member(name).root), Path(out) if out else run_dir.bundle,
                         load_policy(settings.policy), settings.private_key, settings.public_key,
                         model_version=settings.model_version, intended_use=settings.intended_use,
-                        selected_from=len(sweep_members(job)), override_reason=override_reason, job_name=job.name)
+                        selected_from=len(sweep_members(job)), override_reason=override_reason, job_name=job.name,
+                        audit=audit)
+
+
+def _audit_of(run_dir: RunDir, member: str) -> Path | None:
+    """The run's canary audit when it audited the released model's mechanism (else None)."""
+    path = run_dir.audit.record
+    if not path.is_file():
+        return None
+    return path if read_json_object(path, "the canary audit record").get("member") == member else None
 
 
 def with_release_overrides(job: JobConfig, **overrides) -> JobConfig:

@@ -11,6 +11,8 @@ FAIRNESS_FILE = "fairness_report.json"
 METADATA_FILE = "metadata.json"
 SUMS_FILE = "SHA256SUMS"
 PUBLIC_KEY_FILE = "signing_key.pub"
+AUDIT_FILE = "canary_audit.json"
+"""Optional: the canary audit of the released model's mechanism, referenced by hash from the certificate."""
 REQUIRED_FILES = (MODEL_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, "fairness_report.md", "model_card.md", METADATA_FILE,
                   PUBLIC_KEY_FILE, SUMS_FILE, SIGNATURE_FILE)
 UNSUMMED = (SUMS_FILE, SIGNATURE_FILE)

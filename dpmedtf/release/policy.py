@@ -121,6 +121,12 @@ def check_policy(policy: ReleasePolicy, certificate: Mapping[str, Any], fairness
                  parity: Mapping[str, Any]) -> list[Violation]:
     violations = []
     rules = policy.privacy
+    audit = certificate.get("empirical_audit")
+    if audit and audit["epsilon_lower_bound"] > audit["certified_epsilon"]:
+        violations.append(Violation("privacy.audit_within_certificate",
+                                    f"the canary audit measured ε ≥ {audit['epsilon_lower_bound']:.4g}, above the "
+                                    f"{audit['certified_epsilon']:.4g} its mechanism certifies: the implementation "
+                                    "does less than the certificate claims"))
     if certificate["epsilon"] > rules.max_epsilon:
         violations.append(Violation("privacy.max_epsilon",
                                     f"ε = {certificate['epsilon']:.4g} exceeds the limit {rules.max_epsilon:g}"))

@@ -12,6 +12,7 @@ the bundle is intact as signed, but anyone can sign with their own key, so the r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,8 +24,8 @@ import numpy as np
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.files import sha256_file
 from dpmedtf.release.certificate import check_consistency
-from dpmedtf.release.layout import (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE, PUBLIC_KEY_FILE,
-                                    REQUIRED_FILES, SUMS_FILE, UNSUMMED)
+from dpmedtf.release.layout import (AUDIT_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE,
+                                    PUBLIC_KEY_FILE, REQUIRED_FILES, SUMS_FILE, UNSUMMED)
 from dpmedtf.resources import schema_problems
 from dpmedtf.release.signing import SigningError, fingerprint, verify_signature
 
@@ -86,6 +87,8 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
             [f"{CERTIFICATE_FILE}: {p}" for p in schema_problems(certificate, "privacy_certificate.schema.json")]):
         report.check("certificate ε recomputed from its DP event",
                      [f"{CERTIFICATE_FILE}: {p}" for p in check_consistency(certificate)])
+    if certificate is not None and isinstance(certificate.get("empirical_audit"), dict):
+        report.check("canary audit matches the certificate's reference", _audit_problems(bundle, certificate))
     if FAIRNESS_FILE in documents:
         report.check("fairness report matches its schema",
                      [f"{FAIRNESS_FILE}: {p}" for p in schema_problems(documents[FAIRNESS_FILE], "fairness_report.schema.json")])
@@ -96,6 +99,16 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
     if metadata is not None and metadata.get("synthetic_data"):
         report.warnings.append("this model was trained on SYNTHETIC data; it makes no clinical claim")
     return report
+
+
+def _audit_problems(bundle: Path, certificate: dict) -> list[str]:
+    reference = certificate["empirical_audit"]
+    path = bundle / AUDIT_FILE
+    if not path.is_file():
+        return [f"{AUDIT_FILE}: referenced by the certificate but missing from the bundle"]
+    if hashlib.sha256(path.read_bytes()).hexdigest() != reference.get("sha256"):
+        return [f"{AUDIT_FILE}: its SHA-256 differs from the certificate's empirical_audit.sha256"]
+    return []
 
 
 def _sum_problems(bundle: Path) -> list[str]:
