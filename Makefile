@@ -6,7 +6,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: test demo bench lock clean-venv node-example
+.PHONY: test test-slow demo bench lock clean-venv node-example
 
 # Re-installs only when the lock or the package metadata changed since the last install.
 $(STAMP): pyproject.toml constraints.txt
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow" --durations=15 tests
+
+# Heavier checks kept out of `make test` (the vectorized engine under MirroredStrategy): run before a release.
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slow --durations=15 tests
 
 # The whole product on the embedded SYNTHETIC cohort; re-running resumes or skips finished stages.
 demo: $(STAMP)

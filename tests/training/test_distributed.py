@@ -70,14 +70,15 @@ def distributed_run(args: dict) -> list[str]:
     return [sys.executable, "-m", "tests.training.distributed_run", json.dumps(args)]
 
 
+# The step's distribution logic is the same for every engine: the default tests cover the fast engine
+# and the non-private step; the vectorized engine under MirroredStrategy is in `make test-slow`.
+FAST_CASES = ("fast", "fast-noise", "nondp")
+VECTORIZED_CASES = ("vectorized", "vectorized-noise")
+
+
 @pytest.fixture(scope="module")
 def single_device_updates():
-    return step_updates(tf.distribute.get_strategy())
-
-
-# The step's distribution logic is the same for every engine: the mirrored test covers both, the
-# multi-worker one (two processes, the slowest test) the fast engine and the non-private step.
-FAST_CASES = ("fast", "fast-noise", "nondp")
+    return step_updates(tf.distribute.get_strategy(), FAST_CASES)
 
 
 def check_updates(updates, reference, cases=tuple(STEP_CASES)):
@@ -97,8 +98,17 @@ def check_updates(updates, reference, cases=tuple(STEP_CASES)):
 
 def test_mirrored_on_two_logical_cpus_equals_one_device(tmp_path, single_device_updates):
     out = tmp_path / "updates.npz"
-    run_together([distributed_run({"strategy": "mirrored", **TWO_CPUS, "out": str(out)})], [os.environ])
-    check_updates(np.load(out), single_device_updates)
+    run_together([distributed_run({"strategy": "mirrored", **TWO_CPUS, "out": str(out), "cases": FAST_CASES})],
+                 [os.environ])
+    check_updates(np.load(out), single_device_updates, FAST_CASES)
+
+
+@pytest.mark.slow
+def test_mirrored_vectorized_engine_equals_one_device(tmp_path):
+    out = tmp_path / "updates.npz"
+    run_together([distributed_run({"strategy": "mirrored", **TWO_CPUS, "out": str(out),
+                                   "cases": VECTORIZED_CASES})], [os.environ])
+    check_updates(np.load(out), step_updates(tf.distribute.get_strategy(), VECTORIZED_CASES), VECTORIZED_CASES)
 
 
 def test_two_workers_equal_one_device(tmp_path, single_device_updates):
