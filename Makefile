@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/distributed.py
 	$(VENV)/bin/python benchmarks/synthetic_utility.py
 	$(VENV)/bin/python benchmarks/mia_audit.py
+	$(VENV)/bin/python benchmarks/canary_audit.py
 
 # A non-Python consumer: onnxruntime for Node.js reproduces `dpmedtf predict` on the same input.
 BUNDLE ?= runs/demo/bundle
