@@ -1,7 +1,8 @@
-"""Canary audit at the demo's setting: the bound it measures, and what the audit twin costs next to training.
+"""Canary audit at a small demo setting: the bound it measures, and what the audit twin costs next to training.
 
-On the SYNTHETIC demo cohort (pipelines/demo.yaml's DP member: 32 px, patient unit with up to 3 images,
-B = 32, 8 epochs, ε = 8, δ = 1e-4), in one process, side by side:
+On a SYNTHETIC cohort (160 patients; 32 px, patient unit with up to 3 images, B = 32, 8 epochs,
+δ = 1e-4, class weights from DP counts — the 0.1 demo's DP member), for each target ε (8 and 2), in one
+process, side by side:
 - the job's own training (``dpmedtf train``'s code path), timed;
 - the audit twin with m white-box canaries on (a) the configured mechanism, (b) noise ten times smaller
   than the ledger claims, (c) no DP — each timed, each with its ε lower bound at 95% confidence;
@@ -35,22 +36,24 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args()
 
-    from dpmedtf.config import load_config
+    from dpmedtf.config import config_from_mapping
     from dpmedtf.data.synthetic import SyntheticCohortSpec, write_synthetic_cohort
     from dpmedtf.privacy.audit.one_run import audit_scores
     from dpmedtf.privacy.randomness import RunSecret
-    from dpmedtf.resources import pipeline_file
     from dpmedtf.training.audit_twin import train_audit_twin, twin_plan
-    from dpmedtf.training.job import prepare_data, sweep_members
+    from dpmedtf.training.job import prepare_data
     from dpmedtf.training.step import GradientStep
     from dpmedtf.training.trainer import train
 
     work = args.out_dir or Path(tempfile.mkdtemp(prefix="dpmedtf-canary-audit-"))
     manifest = write_synthetic_cohort(work / "cohort", SyntheticCohortSpec(patients=args.patients, image_size=64,
                                                                            seed=0))["radiograph"]
-    demo = load_config(pipeline_file("demo.yaml"))
-    demo = dataclasses.replace(demo, data=dataclasses.replace(demo.data, manifest=manifest))
-    config = dict(sweep_members(demo))[demo.release.member]
+    config = config_from_mapping({
+        "data": {"manifest": str(manifest), "image_size": 32},
+        "privacy": {"target_epsilon": 8.0, "delta": 1e-4, "clip_norm": 1.5, "unit": "patient",
+                    "max_images_per_patient": 3},
+        "training": {"epochs": 8, "batch_size": 32, "max_physical_batch": 32, "checkpoint_every_steps": 20,
+                     "seed": 0}})
     prepared = prepare_data(config, work)
 
     runs, training_seconds = [], {}
@@ -89,7 +92,7 @@ def main() -> None:
                   f"right; ceiling {bound.ceiling:.2f}) vs certified {twin.ledger.epsilon():.3f}; {seconds:.1f} s = "
                   f"{seconds / training_seconds[target]:.2f}× training", flush=True)
 
-    results = {"synthetic_data": True, "setting": "pipelines/demo.yaml DP member, at each target ε",
+    results = {"synthetic_data": True, "setting": "160 synthetic patients, 32 px, patient unit (k = 3), B = 32, 8 epochs, at each target ε",
                "patients": args.patients, "canaries": args.canaries, "confidence": 0.95,
                "delta": config.privacy.delta, "sampling_rate": plan.sampling_rate,
                "unit_of_privacy": plan.unit_of_privacy, "training_seconds": training_seconds, "runs": runs}
