@@ -254,19 +254,27 @@ def evaluate(config: Path = typer.Argument(..., help="The job YAML the model was
     from dpmedtf.config import load_config
     from dpmedtf.evaluation.job import evaluate_job
 
+    from dpmedtf.evaluation.canary_audit import read_audit
+
     job = load_config(config)
-    members, report = evaluate_job(job, run or Path("runs") / job.name, force)
+    run = run or Path("runs") / job.name
+    members, report = evaluate_job(job, run, force)
+    audit = read_audit(run)
     for member in members:
         mean = member.metrics["mean"]
+        privacy = "non-private" if member.epsilon is None else f"certified ε = {member.epsilon:.4g}"
+        if audit and audit.get("member") == member.name:
+            privacy += f", measured ε ≥ {audit['epsilon_lower_bound']:.3g} (canary audit, {audit['confidence']:.0%})"
         typer.echo(f"{member.name}: mean test AUROC {mean['auroc']:.3f} [{mean['auroc_ci_low']:.3f}, "
-                   f"{mean['auroc_ci_high']:.3f}]" + (" — SYNTHETIC DATA" if member.metrics["synthetic_data"] else ""))
+                   f"{mean['auroc_ci_high']:.3f}], {privacy}"
+                   + (" — SYNTHETIC DATA" if member.metrics["synthetic_data"] else ""))
     typer.echo(f"report: {report}")
 
 
 # --- pipelines ---------------------------------------------------------------------------------------
 
 _FORCE_STAGES = typer.Option([], "--force", metavar="STAGE",
-                             help="Redo a finished stage (prepare, train, evaluate, release); repeatable. Recorded.")
+                             help="Redo a finished stage (prepare, train, audit, evaluate, release); repeatable. Recorded.")
 
 
 class AuditKind(str, Enum):

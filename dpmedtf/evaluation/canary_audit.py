@@ -30,8 +30,15 @@ MEANING = ("A lower bound on the ε of the job's DP-SGD mechanism, measured by o
            "with the stated confidence, no (ε, δ)-DP mechanism with a smaller ε would let this attacker guess as well "
            "as it did. It is evidence against a certificate (a bound above the certified ε means the implementation "
            "does less than it claims), never a proof of privacy: a weak attack gives a low bound whatever the truth.")
-PRIVACY_COST = ("none for the released model: the audit twin, the only model trained with canaries, is discarded "
-                "after scoring and never released")
+PRIVACY_COST = {
+    "white-box": "none: the audit twin, the only model trained with canaries, is never released, and white-box scores "
+                 "are the canaries' own coordinates of the noised updates, which no training image touches, so this "
+                 "file does not depend on the training data",
+    "black-box": "none for the released model (the audit twin is never released); but black-box scores come from the "
+                 "twin's weights, which are (ε, δ)-DP with respect to the training records with the certified_epsilon "
+                 "above, so publishing this file is a second DP release of the training data; release bundles "
+                 "therefore carry white-box audits only",
+}
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,8 @@ def audit_record(bound: OneRunBound, twin, *, member: str, synthetic: bool) -> d
         "synthetic_data": bool(synthetic),
         "method": METHOD,
         "meaning": MEANING,
-        "privacy_cost_for_release": PRIVACY_COST,
+        "privacy_cost_for_release": PRIVACY_COST[twin.kind],
+        "depends_on_training_data": twin.kind != "white-box",
         "seconds": round(twin.seconds, 1),
     }
 

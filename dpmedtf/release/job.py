@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from dpmedtf.config import JobConfig
@@ -56,7 +57,16 @@ def _audit_of(run_dir: RunDir, member: str) -> Path | None:
     path = run_dir.audit.record
     if not path.is_file():
         return None
-    return path if read_json_object(path, "the canary audit record").get("member") == member else None
+    audit = read_json_object(path, "the canary audit record")
+    if audit.get("member") != member:
+        return None
+    if audit.get("depends_on_training_data", True):
+        # A black-box audit's scores are a DP release of the training data in their own right: publishing them
+        # would add to the certified ε, which a referenced audit must never change.
+        print(f"note: {path} is a {audit.get('kind')} audit, whose result depends on the training data; the bundle "
+              "carries white-box audits only (run `dpmedtf audit --kind white-box`)", file=sys.stderr)
+        return None
+    return path
 
 
 def with_release_overrides(job: JobConfig, **overrides) -> JobConfig:

@@ -56,11 +56,15 @@ def test_pipeline_audit_stage_shows_the_bound_in_the_report_and_the_certificate_
     assert audit["canaries"] == 256 and audit["kind"] == "white-box" and audit["confidence"] == 0.95
     assert 0 <= audit["epsilon_lower_bound"] <= audit["certified_epsilon"]
     assert audit["synthetic_data"] is True and "never released" in audit["privacy_cost_for_release"]
+    assert audit["depends_on_training_data"] is False  # white-box scores never touch a training image
     assert (run / "audit" / "audit_bound.png").stat().st_size > 0
     report = (run / "report.html").read_text()
     assert "Canary audit: measured ε lower bound vs certified ε" in report and "audit/audit_bound.png" in report
     assert f"≥ {audit['epsilon_lower_bound']:.3g} (95%, white-box)" in report and "SYNTHETIC" in report
     assert "audit/audit.json" in (run / "index.html").read_text()
+    capsys.readouterr()
+    assert run_cli("evaluate", job, "--run", run, "--force") == 0  # the CLI shows the bound beside the certificate
+    assert f"measured ε ≥ {audit['epsilon_lower_bound']:.3g} (canary audit, 95%)" in capsys.readouterr().out
 
     bundle = run / "bundle"
     certificate = json.loads((bundle / "privacy_certificate.json").read_text())
@@ -121,3 +125,17 @@ def test_an_audit_above_the_certificate_breaks_the_release_policy(released_run):
                                       "certified_epsilon": certificate["epsilon"]}
     assert "privacy.audit_within_certificate" in [v.rule for v in check_policy(
         policy, certificate, candidate.fairness_report, parity)]
+
+
+def test_a_black_box_audit_is_not_published_in_the_bundle(tmp_path, capsys):
+    from dpmedtf.layout import RunDir
+    from dpmedtf.release.job import _audit_of
+
+    run = RunDir(tmp_path)
+    run.audit.root.mkdir(parents=True)
+    record = {"member": "m", "kind": "black-box", "depends_on_training_data": True}
+    run.audit.record.write_text(json.dumps(record))
+    assert _audit_of(run, "m") is None  # its scores are a DP release of the training data of their own
+    assert "white-box audits only" in capsys.readouterr().err
+    run.audit.record.write_text(json.dumps({**record, "kind": "white-box", "depends_on_training_data": False}))
+    assert _audit_of(run, "m") == run.audit.record and _audit_of(run, "another model") is None
