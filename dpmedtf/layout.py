@@ -112,6 +112,25 @@ class EvaluationDir:
     def fairness_report(self) -> Path:
         return self.root / "fairness_report.json"
 
+    @property
+    def roc_figure(self) -> Path:
+        """ROC curve per finding, the operating point at the validation threshold marked."""
+        return self.root / "roc_curves.png"
+
+    @property
+    def reliability_figure(self) -> Path:
+        """Reliability (calibration) diagram per finding, with its ECE."""
+        return self.root / "reliability.png"
+
+    @property
+    def confusion_figure(self) -> Path:
+        """TP/FP/FN/TN counts per finding at the validation threshold."""
+        return self.root / "confusion_matrices.png"
+
+    def subgroup_figure(self, attribute: str) -> Path:
+        """AUROC and underdiagnosis (FNR) per group of ``attribute``, with bootstrap CIs."""
+        return self.root / f"subgroups_{attribute}.png"
+
 
 @dataclass(frozen=True)
 class AuditDir:

@@ -13,6 +13,7 @@ A group with fewer than ``MIN_POSITIVES`` positives (or negatives) is flagged: i
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -27,18 +28,37 @@ ECE_BINS = 10
 ATTRIBUTES = ("sex", "age_group", "sex_x_age")
 
 
-def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
+@dataclass(frozen=True)
+class CalibrationBins:
+    """The non-empty bins of a reliability diagram: images per bin, their mean predicted probability and
+    their observed positive rate. One binning serves both the ECE and the drawn diagram."""
+
+    count: np.ndarray
+    mean_probability: np.ndarray
+    positive_rate: np.ndarray
+
+
+def calibration_bins(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> CalibrationBins:
     y_true, probabilities = np.asarray(y_true, float), np.asarray(probabilities, float)
-    index = np.minimum((probabilities * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            error += members.mean() * abs(y_true[members].mean() - probabilities[members].mean())
-    return float(error)
+    index = np.minimum((probabilities * bins).astype(int), bins - 1)  # 1.0 belongs to the last bin
+    count = np.bincount(index, minlength=bins)
+    used = count > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_probability = np.bincount(index, probabilities, minlength=bins) / count
+        positive_rate = np.bincount(index, y_true, minlength=bins) / count
+    return CalibrationBins(count[used], mean_probability[used], positive_rate[used])
 
 
-def _with_attribute_columns(predictions: pd.DataFrame) -> pd.DataFrame:
+def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = ECE_BINS) -> float:
+    calibration = calibration_bins(y_true, probabilities, bins)
+    if calibration.count.sum() == 0:
+        return 0.0
+    weights = calibration.count / calibration.count.sum()
+    return float(np.sum(weights * np.abs(calibration.positive_rate - calibration.mean_probability)))
+
+
+def with_attribute_columns(predictions: pd.DataFrame) -> pd.DataFrame:
+    """``predictions`` with the derived attributes (``sex_x_age``) as columns, as the report's groups are."""
     frame = predictions.copy()
     frame["sex_x_age"] = frame["sex"].astype(str) + " × " + frame["age_group"].astype(str)
     return frame
@@ -47,7 +67,7 @@ def _with_attribute_columns(predictions: pd.DataFrame) -> pd.DataFrame:
 def fairness_rows(predictions: pd.DataFrame, thresholds: dict[str, float], findings: Sequence[str],
                   attributes: Iterable[str] = ATTRIBUTES, redraws: int = 1000, seed: int = 0) -> list[dict]:
     """The fairness report's ``rows``: one per (attribute, group, finding or 'mean')."""
-    frame = _with_attribute_columns(predictions)
+    frame = with_attribute_columns(predictions)
     rows = []
     for attribute in attributes:
         groups = frame[attribute].astype(str)

@@ -1,4 +1,4 @@
-"""Evaluating a job's run directory: every model of it, then the cross-model report."""
+"""Evaluating a job's run directory: every model of it with its figures, then the cross-model report."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dpmedtf.errors import DpmedtfError, OutputExistsError
 from dpmedtf.evaluation import plots
 from dpmedtf.evaluation.canary_audit import read_audit
 from dpmedtf.evaluation.evaluate import evaluate
+from dpmedtf.evaluation.model_plots import draw_model_figures
 from dpmedtf.evaluation.report import write_report
 from dpmedtf.evaluation.sweep import SweepMember, analyse_sweep
 from dpmedtf.files import json_safe, write_json_atomic
@@ -34,7 +35,7 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
             raise OutputExistsError(f"{member_dir.evaluation.root} already holds an evaluation; pass --force to "
                                     "replace it")
     prepared = prepare_data(job, run)
-    members = []
+    members, model_figures = [], {}
     for name, member in sweep_members(job):
         member_dir = run_dir.member(name)
         # The written files, not the in-memory dict, are what every later reader sees (NaN → null).
@@ -47,6 +48,7 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
                                    json.loads(member_dir.fairness_report.read_text()),
                                    patient_level(ledger)["epsilon"] if ledger else None,
                                    ledger.unit_of_privacy if ledger else None))
+        model_figures[members[-1].name] = draw_model_figures(member_dir.evaluation)
     synthetic = prepared.cohort.synthetic
     figures, sweep = [], None
     if len(members) > 1:
@@ -57,8 +59,10 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
         write_json_atomic(run_dir.sweep, json_safe({"synthetic_data": synthetic, **sweep}))
         figures = [plots.privacy_utility(members, run / "privacy_utility.png", synthetic),
                    plots.per_finding_auroc(members, names, run / "auroc_per_finding.png", synthetic),
-                   *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in ("sex", "age_group"))]
+                   *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in ("sex", "age_group")),
+                   plots.paired_differences(sweep, run / "auroc_difference_vs_non_private.png", synthetic)]
     audit = read_audit(run)
-    report = write_report(run_dir.report, f"dpmedtf evaluation: {job.name}", members, sweep, figures, synthetic,
-                          audit=audit, audit_figure=run_dir.audit.figure.relative_to(run) if audit else None)
+    report = write_report(run_dir.report, f"dpmedtf evaluation: {job.name}", members, sweep,
+                          [f for f in figures if f is not None], synthetic, audit=audit,
+                          audit_figure=run_dir.audit.figure if audit else None, model_figures=model_figures)
     return members, report

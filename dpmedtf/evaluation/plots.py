@@ -1,17 +1,51 @@
-"""The paper's figures as PNGs (matplotlib, no display needed): utility and fairness against ε, and the
-canary audit's bound."""
+"""The paper's figures of a sweep as PNGs (matplotlib, no display needed): utility and fairness against ε,
+the paired DP-vs-non-private AUROC differences, and the canary audit's bound. Also the house style every
+figure shares (the SYNTHETIC stamp, saving); one model's own figures are in ``model_plots``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
 import matplotlib.ticker
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dpmedtf.evaluation.bootstrap import Interval  # noqa: E402
+from dpmedtf.evaluation.rate_intervals import mean_rate_intervals  # noqa: E402
+
 COLOURS = plt.get_cmap("tab10").colors
+SYNTHETIC_STAMP = "SYNTHETIC DATA — no clinical meaning"
+SIGNIFICANCE = 0.05
+
+
+def stamped(title: str, synthetic: bool) -> str:
+    """``title``, with the SYNTHETIC stamp under it when the data is generated: a figure copied out of the
+    report must still say so."""
+    return title + (f"\n{SYNTHETIC_STAMP}" if synthetic else "")
+
+
+def number(value) -> float:
+    """A JSON number for plotting: null (what json_safe wrote for NaN) becomes NaN."""
+    return float("nan") if value is None else float(value)
+
+
+def error_bars(ax, positions, intervals: list[Interval], colour, horizontal: bool = False, **style) -> None:
+    """CI whiskers where a CI exists; none (rather than a zero-length one) where it does not."""
+    keep = [i for i, iv in enumerate(intervals) if math.isfinite(iv.low) and math.isfinite(iv.high)]
+    if not keep:
+        return
+    centre = np.array([intervals[i].estimate for i in keep])
+    spread = np.array([[centre[k] - intervals[i].low for k, i in enumerate(keep)],
+                       [intervals[i].high - centre[k] for k, i in enumerate(keep)]]).clip(min=0)
+    at = np.asarray(positions, float)[keep]
+    if horizontal:
+        ax.errorbar(centre, at, xerr=spread, fmt="none", ecolor=colour, capsize=3, **style)
+    else:
+        ax.errorbar(at, centre, yerr=spread, fmt="none", ecolor=colour, capsize=3, **style)
 
 
 def _dp_and_baseline(members):
@@ -24,29 +58,51 @@ def _finish(ax, title: str, synthetic: bool, epsilons=()):
     ax.set_xscale("log")
     if epsilons:  # label the trained ε values themselves, not powers of ten
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(list(epsilons)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{e:g}" for e in epsilons]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{e:.3g}" for e in epsilons]))
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("privacy budget ε (log scale)")
     ax.grid(alpha=0.3)
-    ax.set_title(title + ("\nSYNTHETIC DATA — no clinical meaning" if synthetic else ""), fontsize=10)
+    ax.set_title(stamped(title, synthetic), fontsize=10)
+
+
+UTILITY = (("auroc", "AUROC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"),
+           ("accuracy", "accuracy"))
+
+
+def utility_intervals(member) -> dict[str, Interval]:
+    """A model's mean-over-findings test AUROC (its CI from metrics.json) and its sensitivity, specificity and
+    accuracy at the validation thresholds, with CIs from the evaluation's own bootstrap redraws."""
+    metrics, findings = member.metrics, list(member.metrics["findings"])
+    y = member.predictions[[f"{f}_true" for f in findings]].to_numpy()
+    predicted = np.column_stack([member.predictions[f"{f}_prob"].to_numpy() >= metrics["findings"][f]["threshold"]
+                                 for f in findings])
+    rates = mean_rate_intervals(y, predicted, metrics["bootstrap"]["redraws"], metrics["bootstrap"]["seed"])
+    mean = metrics["mean"]
+    return {"auroc": Interval(number(mean["auroc"]), number(mean.get("auroc_ci_low")), number(mean.get("auroc_ci_high"))),
+            **rates}
 
 
 def privacy_utility(members, out: Path, synthetic: bool) -> Path:
-    """Mean AUROC, accuracy, sensitivity, specificity vs ε; the non-private values dashed (paper Fig. 2)."""
+    """Mean AUROC, sensitivity, specificity and accuracy vs ε with 95% bootstrap CIs; the non-private model
+    dashed, its CI a band (paper Fig. 2)."""
     dp, baseline = _dp_and_baseline(members)
     eps = [m.epsilon for m in dp]
-    fig, ax = plt.subplots(figsize=(7.6, 4.2))
-    for colour, key in zip(COLOURS, ("auroc", "accuracy", "sensitivity", "specificity")):
-        ax.plot(eps, [m.metrics["mean"][key] for m in dp], "o-", color=colour, label=key)
+    intervals = {m.name: utility_intervals(m) for m in members}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.6))
+    for ax, colour, (key, label) in zip(axes.flat, COLOURS, UTILITY):
+        points = [intervals[m.name][key] for m in dp]
+        ax.plot(eps, [p.estimate for p in points], "o-", color=colour, label="DP-SGD, 95% CI")
+        error_bars(ax, eps, points, colour)
         if baseline is not None:
-            ax.axhline(baseline.metrics["mean"][key], color=colour, linestyle="--", linewidth=1)
-    if dp and "auroc_ci_low" in dp[0].metrics["mean"]:
-        ax.fill_between(eps, [m.metrics["mean"]["auroc_ci_low"] for m in dp],
-                        [m.metrics["mean"]["auroc_ci_high"] for m in dp], color=COLOURS[0], alpha=0.15)
-    ax.set_ylabel("mean over findings (test)")
-    ax.legend(fontsize=8, title="dashed: non-private", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    _finish(ax, "Privacy–utility trade-off", synthetic, eps)
-    return _save(fig, out)
+            base = intervals[baseline.name][key]
+            ax.axhline(base.estimate, color=colour, linestyle="--", linewidth=1, label="non-private")
+            if math.isfinite(base.low) and math.isfinite(base.high):
+                ax.axhspan(base.low, base.high, color=colour, alpha=0.12, label="non-private 95% CI")
+        ax.set_ylabel(f"mean {label} over findings")
+        ax.legend(fontsize=7)
+        _finish(ax, f"{label} (test split)", False, eps)
+    fig.suptitle(stamped("Privacy–utility trade-off", synthetic), fontsize=11)
+    return save_figure(fig, out)
 
 
 def per_finding_auroc(members, findings, out: Path, synthetic: bool) -> Path:
@@ -61,7 +117,7 @@ def per_finding_auroc(members, findings, out: Path, synthetic: bool) -> Path:
     ax.set_ylabel("test AUROC")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title="dashed: non-private", title_fontsize=7)
     _finish(ax, "AUROC per finding", synthetic, [m.epsilon for m in dp])
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def subgroups(members, attribute: str, out: Path, synthetic: bool) -> Path:
@@ -79,12 +135,12 @@ def subgroups(members, attribute: str, out: Path, synthetic: bool) -> Path:
             if baseline is not None and rows(baseline).get(group, {}).get(key) is not None:
                 ax.axhline(rows(baseline)[group][key], color=colour, linestyle="--", linewidth=0.8)
     axes[0].set_ylabel("test AUROC (mean over findings)")
-    axes[1].set_ylabel("statistical parity difference")
+    axes[1].set_ylabel("accuracy parity difference (group − rest)")
     axes[1].axhline(0, color="black", linewidth=0.6)
-    for ax, title in zip(axes, (f"AUROC by {attribute}", f"Parity by {attribute}")):
+    for ax, title in zip(axes, (f"AUROC by {attribute}", f"Accuracy parity by {attribute}")):
         _finish(ax, title, synthetic, [m.epsilon for m in dp])
     axes[0].legend(fontsize=7)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def audit_bound(by_guesses, certified_epsilon: float, confidence: float, kind: str, out: Path,
@@ -101,12 +157,52 @@ def audit_bound(by_guesses, certified_epsilon: float, confidence: float, kind: s
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("Canary audit: measured ε lower bound vs certified ε"
-                 + ("\nSYNTHETIC DATA — no clinical meaning" if synthetic else ""), fontsize=10)
-    return _save(fig, out)
+    ax.set_title(stamped("Canary audit: measured ε lower bound vs certified ε", synthetic), fontsize=10)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def paired_differences(sweep: dict, out: Path, synthetic: bool) -> Path | None:
+    """Per finding, each DP model's AUROC minus the non-private model's on the same test images, with the
+    paired-bootstrap 95% CI and DeLong's p (``sweep.analyse_sweep``); None when there is no non-private model."""
+    compared = [m for m in sweep["models"] if m.get("versus_non_private")]
+    if not compared:
+        return None
+    findings = list(sweep["findings"])
+    fig, ax = plt.subplots(figsize=(8.8, 1.6 + 0.5 * len(findings) * max(1, len(compared)) ** 0.5))
+    width = 0.6 / len(compared)  # the models of one finding share its row, side by side
+    for k, (colour, model) in enumerate(zip(COLOURS, compared)):
+        rows, intervals, p_values = [], [], []
+        for i, finding in enumerate(findings):
+            test = model["versus_non_private"].get(finding)
+            if test is None:  # fewer than two positives or negatives: no test was run, say so in its row
+                ax.annotate("not tested (< 2 positives or negatives)", (0, i - 0.3 + width * (k + 0.5)),
+                            xytext=(4, 0), textcoords="offset points", fontsize=6.5, va="center", color=colour)
+                continue
+            rows.append(i - 0.3 + width * (k + 0.5))
+            intervals.append(Interval(number(test["auroc_difference"]), number(test["ci_low"]), number(test["ci_high"])))
+            p_values.append(number(test["p_delong"]))
+        significant = np.array(p_values) < SIGNIFICANCE
+        centre = np.array([iv.estimate for iv in intervals])
+        ax.scatter(centre, rows, color=colour, zorder=3, label=f"ε = {model['epsilon']:.3g}",
+                   facecolors=[colour if s else "white" for s in significant])
+        error_bars(ax, rows, intervals, colour, horizontal=True)
+        for row, iv, p in zip(rows, intervals, p_values):
+            right = iv.high if math.isfinite(iv.high) else iv.estimate
+            ax.annotate(f"p = {p:.2g}", (right, row), xytext=(4, 0), textcoords="offset points", fontsize=6.5,
+                        va="center", color=colour)
+    ax.axvline(0, color="black", linewidth=0.7)
+    ax.margins(x=0.15)  # room for the p-value labels right of the whiskers
+    ax.set_yticks(range(len(findings)), [f.replace("_", " ") for f in findings], fontsize=8)
+    ax.set_ylim(len(findings) - 0.5, -0.5)
+    ax.set_xlabel("test AUROC difference, DP − non-private (95% paired-bootstrap CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1),
+              title=f"filled: DeLong p < {SIGNIFICANCE:g}", title_fontsize=7)
+    ax.set_title(stamped("Paired DP vs non-private AUROC per finding", synthetic), fontsize=10)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

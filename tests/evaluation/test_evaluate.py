@@ -1,4 +1,5 @@
-"""`dpmedtf evaluate` on a trained tiny model: the contract files, recomputed from predictions.csv."""
+"""`dpmedtf evaluate` on a trained tiny model (the ``evaluated`` fixture of conftest.py): the contract files,
+recomputed from predictions.csv."""
 
 import json
 import subprocess
@@ -16,21 +17,6 @@ from dpmedtf.data.synthetic import SyntheticCohortSpec, write_synthetic_cohort
 from dpmedtf.evaluation.metrics import youden_threshold
 
 DPMEDTF = str(Path(sys.executable).with_name("dpmedtf"))
-
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    work = tmp_path_factory.mktemp("evaluate")
-    manifest = write_synthetic_cohort(work / "cohort", SyntheticCohortSpec(patients=40, image_size=48, seed=2))["radiograph"]
-    job = work / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "tiny", "data": {"manifest": str(manifest), "image_size": 32},
-                                   "privacy": {"target_epsilon": 8, "delta": 1e-3, "accountant": "rdp"},
-                                   "training": {"steps": 3, "batch_size": 8, "max_physical_batch": 8},
-                                   "evaluation": {"bootstrap_redraws": 200}}))
-    for command in (["train", str(job), "--out", str(work / "run")], ["evaluate", str(job), "--run", str(work / "run")]):
-        result = subprocess.run([DPMEDTF, *command], capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr
-    return work, result
 
 
 def test_contract_files_and_values_recompute_from_the_predictions(evaluated):
@@ -120,7 +106,18 @@ def test_sweep_evaluation_writes_the_cross_epsilon_analysis_plots_and_report(tmp
             assert comparison["auroc_difference"] == pytest.approx(
                 metrics["epsilon-2"]["findings"][finding]["auroc"] - metrics["non-private"]["findings"][finding]["auroc"])
             assert 0 <= comparison["p_delong"] <= 1
-    for png in ("privacy_utility.png", "auroc_per_finding.png", "subgroups_sex.png", "subgroups_age_group.png"):
+    for png in ("privacy_utility.png", "auroc_per_finding.png", "subgroups_sex.png", "subgroups_age_group.png",
+                "auroc_difference_vs_non_private.png", *(f"{name}/evaluation/roc_curves.png" for name in metrics)):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (run / "report.html").read_text()
-    assert "SYNTHETIC DATA" in page and "privacy_utility.png" in page and "MIA AUC" in page
+    assert "SYNTHETIC DATA" in page and "privacy_utility.png" in page and "membership-inference attack AUC" in page
+    assert "auroc_difference_vs_non_private.png" in page and "epsilon-2/evaluation/roc_curves.png" in page
+    # The paired tests, one row per (DP model, finding), each with its difference, CI and both p-values as in sweep.json.
+    assert "<th>DeLong p</th>" in page
+    for finding, comparison in dp["versus_non_private"].items():
+        if comparison is not None:
+            assert (f"<td>epsilon-2</td><td>{finding.replace('_', ' ')}</td><td>{comparison['auroc_difference']:.3f}</td>"
+                    f"<td>[{comparison['ci_low']:.3f}, {comparison['ci_high']:.3f}]</td>") in page
+    r = dp["auroc_vs_positives"]
+    if r["r"] is not None:
+        assert f"{r['r']:.2f} (p " in page
