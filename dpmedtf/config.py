@@ -109,6 +109,11 @@ class ReleaseConfig:
     public_key: Optional[Path] = option(None, "its public key, copied into the bundle (default: private_key with suffix .pub)")
     intended_use: str = option("Decision support research: detecting the labelled findings on adult chest radiographs or "
                                "abdominal CT, to be read by a clinician.", "intended use, stated in the model card")
+    owners: Optional[tuple[str, ...]] = option(None, "people or team answerable for the released model, e.g. ['Radiology AI group, UKA'] (model card: owners)")
+    license: str = option("unspecified — ask the owners", "licence of the released model: an SPDX identifier such as 'CC-BY-NC-4.0', or a sentence")
+    contact: Optional[str] = option(None, "where users report problems or ask questions (e-mail or URL); the card says 'not given' without it")
+    citation: Optional[str] = option(None, "how to cite this model; the card always cites the method's paper (Tayebi Arasteh, Ziller et al. 2024) as well")
+    limitations: Optional[tuple[str, ...]] = option(None, "limitations the release managers add to the model card's own, one line each")
 
 
 @dataclass(frozen=True)

@@ -331,7 +331,7 @@ def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], 
                             ("Canary audit (measured ε lower bound)", "audit/audit.json"),
                             ("Canary audit figure", "audit/audit_bound.png"), ("Release bundle", "bundle/"),
                             ("Privacy certificate", "bundle/privacy_certificate.json"),
-                            ("Model card", "bundle/model_card.md"), ("Fairness report", "bundle/fairness_report.md"),
+                            ("Model card", "bundle/model_card.html"), ("Fairness report", "bundle/fairness_report.md"),
                             ("Predictions on the real radiograph", "predictions_RG1_UNCR.csv")):
         if (out / relative).exists():
             links.append(f'<li><a href="{html.escape(relative)}">{html.escape(label)}</a></li>')

@@ -1,20 +1,22 @@
 """Building a release bundle from a trained, evaluated model.
 
 A bundle is a directory: ``model.onnx``, ``privacy_certificate.json``, ``fairness_report.json`` and
-``.md``, ``model_card.md``, ``metadata.json``, ``signing_key.pub``, ``SHA256SUMS`` and ``model.sig``.
-It is assembled in a staging directory beside the target and renamed into place only when complete,
-signed and verified, so a failed release leaves nothing behind and an existing release is never
-touched.
+``.md``, the model card as ``model_card.md``, ``.html`` and ``.json``, ``metadata.json``,
+``signing_key.pub``, ``SHA256SUMS`` and ``model.sig`` (plus, when they exist, ``canary_audit.json`` and
+the model's evaluation figures). It is assembled in a staging directory beside the target and renamed
+into place only when complete, signed and verified, so a failed release leaves nothing behind and an
+existing release is never touched. Nothing in it names a path of the build machine: a bundle is
+published, and where the release manager's files lay is neither the consumer's business nor stable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _datetime
 import hashlib
 import json
 import os
 import shutil
-import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,13 @@ from dpmedtf.layout import ModelDir
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release import export
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
-from dpmedtf.release.policy import ReleasePolicy, Violation, check_policy
+from dpmedtf.release.card_rendering import model_card_html, model_card_markdown
+from dpmedtf.release.model_card import SCHEMA_FILE as MODEL_CARD_SCHEMA, CardDetails, CardInputs, build_model_card
+from dpmedtf.release.policy import DEFAULT_POLICY, ReleasePolicy, Violation, check_policy
 from dpmedtf.resources import release_file, schema_problems
-from dpmedtf.release.layout import (AUDIT_FILE, BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE,
-                                    MODEL_FILE, PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED)
+from dpmedtf.release.layout import (AUDIT_FILE, BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, FAIRNESS_MARKDOWN_FILE,
+                                    FIGURE_SUFFIX, METADATA_FILE, MODEL_CARD_FILE, MODEL_CARD_HTML_FILE,
+                                    MODEL_CARD_JSON_FILE, MODEL_FILE, PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED)
 from dpmedtf.release.signing import fingerprint, sign_bundle
 from dpmedtf.release.verify import verify_bundle
 
@@ -58,6 +63,8 @@ class ReleaseCandidate:
     thresholds: dict[str, float]
     metrics: dict
     fairness_report: dict
+    figures: tuple[Path, ...] = ()
+    """The evaluation's figures (PNG) of this model, if it drew any; the bundle carries them."""
 
     @property
     def label_names(self) -> list[str]:
@@ -81,31 +88,22 @@ def load_candidate(member_dir: str | os.PathLike) -> ReleaseCandidate:
     if not files.ledger.exists():
         raise DpmedtfError(f"{member_dir} holds a model trained without differential privacy (no ledger.json); "
                            "only DP-trained models can be released with a privacy certificate")
+    figures = tuple(sorted(files.evaluation.root.glob(f"*{FIGURE_SUFFIX}")))
     return ReleaseCandidate(member_dir, load_model(files.model), Ledger.load(files.ledger), training,
                             read_json_object(files.thresholds, "the evaluation's thresholds"),
                             read_json_object(files.metrics, "the evaluation's metrics"),
-                            read_json_object(files.fairness_report, "the fairness report"))
+                            read_json_object(files.fairness_report, "the fairness report"), figures)
 
 
-def _patient_privacy(certificate: dict) -> str:
-    """The card's line on what a whole patient is protected by."""
-    patient = certificate["patient_level"]
-    if certificate["unit_of_privacy"] == "patient":
-        return f"ε = {patient['epsilon']:.4g}, δ = {patient['delta']:g}: the unit of privacy is the patient"
-    k = patient["max_images_per_patient"]
-    if patient["epsilon"] is None:
-        return f"no finite bound for a patient with {k} images (group privacy); the guarantee is per image only"
-    return (f"ε = {patient['epsilon']:.4g}, δ = {patient['delta']:g} for a patient with up to {k} images "
-            "(group privacy)")
-
-
-def evaluation_non_dp_uses(selected_from: int = 1) -> tuple[dict, ...]:
+def evaluation_non_dp_uses(selected_from: int = 1, figures: bool = False) -> tuple[dict, ...]:
     """What evaluating and publishing a model does with private data beyond DP-SGD."""
+    published = "AUROC, subgroup and calibration statistics" + (" and figures drawn from the test predictions"
+                                                                if figures else "")
     uses = [
         {"what": "decision thresholds", "how": "Youden thresholds chosen on the labels of the validation split",
          "private_data_used": True},
-        {"what": "published evaluation", "how": "AUROC, subgroup and calibration statistics of the test split are "
-                                                "published in this bundle without noise", "private_data_used": True},
+        {"what": "published evaluation", "how": f"{published} of the test split are published in this bundle "
+                                                "without noise", "private_data_used": True},
         {"what": "membership-inference audit", "how": "attack AUC/advantage computed from the model's losses on "
                                                       "training and test images, published without noise",
          "private_data_used": True},
@@ -128,15 +126,6 @@ def audit_reference(audit_data: bytes) -> dict:
             "note": "a measured lower bound from one attack on an audit twin; the certified ε above is unchanged"}
 
 
-def _audit_sentence(audit: Mapping[str, Any] | None) -> str:
-    if not audit:
-        return ""
-    return (f"\n\n**Canary audit** (`{audit['file']}`): measured ε ≥ {audit['epsilon_lower_bound']:.3g} at "
-            f"{audit['confidence']:.0%} confidence ({audit['kind']}, {audit['canaries']} canaries) against the "
-            f"{audit['certified_epsilon']:.4g} the mechanism certifies for the audit twin. A lower bound from one "
-            "attack, not a proof of privacy.")
-
-
 def write_sums(bundle: Path) -> Path:
     """``SHA256SUMS`` in coreutils format over every file except itself and the signature."""
     names = sorted(p.name for p in bundle.iterdir() if p.is_file() and p.name not in UNSUMMED)
@@ -148,11 +137,15 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
                  private_key: str | os.PathLike, public_key: str | os.PathLike | None = None,
                  model_version: str = "1.0.0", intended_use: str = "", selected_from: int = 1,
                  override_reason: str | None = None, job_name: str = "model",
-                 audit: str | os.PathLike | None = None) -> Path:
+                 audit: str | os.PathLike | None = None, card: CardDetails | None = None,
+                 baseline_metrics: Mapping[str, Any] | None = None) -> Path:
     """Exports, certifies, checks policy, writes, signs and verifies; returns the bundle directory.
 
     ``audit`` (an ``audit.json`` of ``dpmedtf audit`` on this model's mechanism) goes into the bundle, and
-    the certificate references it by hash next to its own ε, which the audit never changes."""
+    the certificate references it by hash next to its own ε, which the audit never changes. ``card`` holds
+    what the release managers state in the model card (owners, licence, contact, citation, limitations);
+    ``baseline_metrics``, the evaluation of the job's non-private model, gives the card its privacy–utility
+    trade-off."""
     out = Path(out)
     if out.exists():
         raise OutputExistsError(f"{out} already exists: a release is never overwritten. Choose another --out "
@@ -165,7 +158,8 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
 
     proto = export.to_onnx(candidate.model)
     parity = export.check_parity(candidate.model, proto, candidate.thresholds).to_json_dict()
-    certificate = build_certificate(candidate.ledger, evaluation_non_dp_uses(selected_from))
+    certificate = _without_build_paths(build_certificate(candidate.ledger,
+                                                         evaluation_non_dp_uses(selected_from, bool(candidate.figures))))
     audit_data = Path(audit).read_bytes() if audit is not None else None
     if audit_data is not None:
         certificate["empirical_audit"] = audit_reference(audit_data)
@@ -181,21 +175,36 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
     metadata = _metadata(candidate, certificate, certificate_data, parity, policy, violations, override_reason,
                          model_version, public_key)
     export.set_metadata(proto, _onnx_properties(metadata))
+    card_document = json_safe(model_card_document(candidate, metadata, certificate, intended_use, job_name,
+                                                  details=card or CardDetails(), selected_from=selected_from,
+                                                  baseline_metrics=baseline_metrics))
+    problems = schema_problems(card_document, MODEL_CARD_SCHEMA)  # as written: undefined numbers are null
+    if problems:
+        raise DpmedtfError("internal error, the model card breaks its schema: " + "; ".join(problems))
+    card_markdown = model_card_markdown(card_document)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        workspace = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:
         raise OutputError(f"{out}: cannot create the bundle there ({exc.strerror or exc}); choose another --out") from None
-    with removed_on_failure(staging, lambda exc: f"{out}: writing the bundle failed ({exc.strerror or exc}); nothing "
-                                                 "was published. Free disk space or choose another --out, then release "
-                                                 "again"):
+    # The signature names the signed directory, so the bundle is built under its final name inside a
+    # private workspace: a temporary name would otherwise be published inside model.sig.
+    staging = workspace / out.name
+    with removed_on_failure(workspace, lambda exc: f"{out}: writing the bundle failed ({exc.strerror or exc}); nothing "
+                                                   "was published. Free disk space or choose another --out, then "
+                                                   "release again"):
+        staging.mkdir()
         (staging / MODEL_FILE).write_bytes(proto.SerializeToString())
         (staging / CERTIFICATE_FILE).write_bytes(certificate_data)
         (staging / FAIRNESS_FILE).write_text(json.dumps(candidate.fairness_report, indent=2) + "\n")
-        (staging / "fairness_report.md").write_text(fairness_markdown(candidate.fairness_report, job_name))
+        (staging / FAIRNESS_MARKDOWN_FILE).write_text(fairness_markdown(candidate.fairness_report, job_name))
         (staging / METADATA_FILE).write_text(json.dumps(json_safe(metadata), indent=2) + "\n")
-        (staging / "model_card.md").write_text(model_card(candidate, metadata, certificate, intended_use, job_name))
+        (staging / MODEL_CARD_JSON_FILE).write_text(json.dumps(card_document, indent=2) + "\n")
+        (staging / MODEL_CARD_FILE).write_text(card_markdown, encoding="utf-8")
+        (staging / MODEL_CARD_HTML_FILE).write_text(model_card_html(card_markdown, job_name), encoding="utf-8")
+        for figure in candidate.figures:
+            shutil.copyfile(figure, staging / figure.name)
         shutil.copyfile(public_key, staging / PUBLIC_KEY_FILE)
         if audit_data is not None:
             (staging / AUDIT_FILE).write_bytes(audit_data)
@@ -204,9 +213,31 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
         report = verify_bundle(staging, public_key)  # the release must pass what its consumers will run
         if not report.ok:
             raise DpmedtfError("internal error, the new bundle fails verification: " + "; ".join(report.failures))
-        staging.chmod(0o755)  # mkdtemp made it private; a published bundle is for reading
+        staging.chmod(0o755)  # a published bundle is for reading
         os.rename(staging, out)  # fails rather than replace if something created `out` meanwhile
+    shutil.rmtree(workspace, ignore_errors=True)  # empty now; the bundle is published either way
     return out
+
+
+def _without_build_paths(certificate: dict) -> dict:
+    """The certificate with public pretrained weights named by their file name: the ledger records where
+    they lay on the training machine, which says nothing about which weights they were."""
+    weights = certificate["public_pretraining"].get("weights")
+    if weights:
+        certificate["public_pretraining"]["weights"] = Path(weights).name
+    return certificate
+
+
+def _policy_record(policy: ReleasePolicy) -> dict:
+    """Which policy a release was checked against: its name, file name, SHA-256 and rules, not its path."""
+    rules = dataclasses.asdict(policy)
+    del rules["source"]
+    path = Path(policy.source)
+    if not path.is_file():  # a ReleasePolicy built in code ("built-in defaults")
+        return {"name": path.name, "file": None, "sha256": None, "rules": rules}
+    own = path.resolve() == release_file(DEFAULT_POLICY).resolve()
+    return {"name": "dpmedtf default policy" if own else path.name, "file": path.name,
+            "sha256": sha256_file(path), "rules": rules}
 
 
 def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: bytes, parity: dict,
@@ -216,7 +247,6 @@ def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: 
     preprocessing = candidate.training["preprocessing"]
     modality = preprocessing["modality"]
     labels = candidate.label_names
-    policy_path = Path(policy.source)
     return {
         "format": "dpmedtf-bundle", "format_version": BUNDLE_FORMAT,
         "model_version": model_version, "dpmedtf_version": __version__,
@@ -242,8 +272,7 @@ def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: 
         "metrics": {"split": "test", "mean_auroc": candidate.metrics["mean"]["auroc"],
                     "mean_auroc_ci": [candidate.metrics["mean"]["auroc_ci_low"], candidate.metrics["mean"]["auroc_ci_high"]],
                     "auroc": {n: f["auroc"] for n, f in candidate.metrics["findings"].items()}},
-        "release": {"policy": str(policy_path),
-                    "policy_sha256": sha256_file(policy_path) if policy_path.is_file() else None,
+        "release": {"policy": _policy_record(policy),
                     "violations": [str(v) for v in violations],
                     "override": ({"reason": override_reason, "by": _user(),
                                   "violations_overridden": [str(v) for v in violations]}
@@ -282,10 +311,6 @@ def _interval(row) -> str:
     return f"{_number(row['auroc'])} ({_number(row['auroc_ci_low'])}–{_number(row['auroc_ci_high'])})"
 
 
-def _subgroup_rows(report: Mapping[str, Any], findings: Sequence[str] = ("mean",)) -> list[dict]:
-    return [r for r in report["rows"] if r["finding"] in findings and r["attribute"] in ("sex", "age_group")]
-
-
 def fairness_markdown(report: Mapping[str, Any], title: str) -> str:
     lines = [f"# Fairness report: {title}", ""]
     if report.get("synthetic_data"):
@@ -300,60 +325,19 @@ def fairness_markdown(report: Mapping[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_card_document(candidate: ReleaseCandidate, metadata: Mapping[str, Any], certificate: Mapping[str, Any],
+                        intended_use: str, title: str, *, details: CardDetails = CardDetails(), selected_from: int = 1,
+                        baseline_metrics: Mapping[str, Any] | None = None) -> dict:
+    """``model_card.json`` of this release (see ``model_card.build_model_card``)."""
+    return build_model_card(CardInputs(
+        title=title, training=candidate.training, metrics=candidate.metrics, fairness_report=candidate.fairness_report,
+        metadata=metadata, certificate=certificate,
+        certificate_sha256=metadata["privacy"]["privacy_certificate_sha256"], intended_use=intended_use,
+        details=details, selected_from=selected_from, baseline_metrics=baseline_metrics,
+        figures=tuple(f.name for f in candidate.figures)))
+
+
 def model_card(candidate: ReleaseCandidate, metadata: Mapping[str, Any], certificate: Mapping[str, Any],
-               intended_use: str, title: str) -> str:
-    synthetic = metadata["synthetic_data"]
-    notice = "SYNTHETIC DATA: generated images, not patients; no clinical claim rests on these numbers."
-    findings = candidate.metrics["findings"]
-    metrics_table = "\n".join(
-        f"| {name} | {_interval(f)} | {_number(f['threshold'])} | {_number(f['sensitivity'])} | "
-        f"{_number(f['specificity'])} | {f['n_positive']} |" for name, f in findings.items())
-    mean = candidate.metrics["mean"]
-    metrics_table += (f"\n| **mean** | {_interval(mean)} | | {_number(mean['sensitivity'])} | "
-                      f"{_number(mean['specificity'])} | |")
-    rows = _subgroup_rows(candidate.fairness_report)
-    subgroup_table = "\n".join(
-        f"| {r['attribute']} | {r['group']} | {r['n']} | {_interval(r)} | {_number(r['accuracy'])} | "
-        f"{_number(r['statistical_parity_difference'])} | {_number(r['fnr'])} | {_number(r['fpr'])} |" for r in rows)
-    warned = [f"{r['attribute']} = {r['group']}" for r in rows if r.get("warning")]
-    release = metadata["release"]
-    if release["override"]:
-        policy_section = (f"**Released with an explicit policy override** by {release['override']['by']}: "
-                          f"{release['override']['reason']}\n\nRules broken:\n"
-                          + "\n".join(f"- {v}" for v in release["violations"]))
-    else:
-        policy_section = f"Meets every rule of the release policy `{release['policy']}`."
-    preprocessing = metadata["preprocessing"]
-    n_train = certificate["dataset_size"]
-    unit = certificate["unit_of_privacy"]
-    values = {
-        "title": title, "synthetic_banner": f"> **{notice}**" if synthetic else "",
-        "model_version": metadata["model_version"], "created_at": metadata["created_at"],
-        "dpmedtf_version": metadata["dpmedtf_version"], "task": metadata["task"],
-        "architecture": (f"GroupNorm ResNet9 ({'2D' if preprocessing['modality'] == 'radiograph' else 'ACS-3D'})"
-                         if metadata["model"]["architecture"] == "resnet9" else metadata["model"]["architecture"]),
-        "parameters": f"{metadata['model']['parameters']:,}",
-        "input_shape": "(" + ", ".join(str(s) for s in metadata["input"]["shape"]) + ")",
-        "n_labels": len(metadata["labels"]),
-        "epsilon": f"{certificate['epsilon']:.4g}", "delta": f"{certificate['delta']:g}", "unit": unit,
-        "accountant": certificate["accountant"].upper(),
-        "cross_check": f"{certificate['epsilon_cross_check']['accountant'].upper()} gives "
-                       f"{certificate['epsilon_cross_check']['epsilon']:.4g}",
-        "patient_privacy": _patient_privacy(certificate),
-        "unit_plural": "patients" if unit == "patient" else "images",
-        "intended_use": intended_use,
-        "data_description": (f"Trained on {n_train:,} {'patients' if unit == 'patient' else 'images'} "
-                             f"(training split); evaluated on {candidate.metrics['n']:,} test images. "
-                             + ("The data are a SYNTHETIC cohort generated by dpmedtf." if synthetic else
-                                "See the job's cohort table for its composition.")),
-        "preprocessing": "\n".join(f"{i}. {step}" for i, step in enumerate(preprocessing["steps"], 1)),
-        "metrics_note": f"_{notice}_" if synthetic else "",
-        "metrics_table": metrics_table, "subgroup_table": subgroup_table,
-        "subgroup_warnings": ("Groups with too few positive or negative examples for reliable numbers: "
-                              + ", ".join(warned) + ".") if warned else "",
-        "privacy_statement": certificate["statement"] + _audit_sentence(certificate.get("empirical_audit")),
-        "policy_section": policy_section,
-        "synthetic_limitation": ("- Trained and evaluated on SYNTHETIC images: these numbers say nothing about "
-                                 "performance on patients." if synthetic else ""),
-    }
-    return string.Template(release_file("model_card.md").read_text()).substitute(values)
+               intended_use: str, title: str, **options) -> str:
+    """``model_card.md`` of this release; ``options`` as for ``model_card_document``."""
+    return model_card_markdown(model_card_document(candidate, metadata, certificate, intended_use, title, **options))

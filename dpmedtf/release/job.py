@@ -12,7 +12,11 @@ from dpmedtf.errors import ConfigError
 from dpmedtf.files import read_json_object
 from dpmedtf.layout import RunDir
 from dpmedtf.release.bundle import build_bundle, load_candidate
+from dpmedtf.release.model_card import CardDetails
 from dpmedtf.release.policy import load_policy
+
+NON_PRIVATE_MEMBER = "non-private"
+"""The sweep member trained without DP (privacy.sweep_non_private): the card's privacy–utility baseline."""
 
 
 def release_member(job: JobConfig) -> tuple[str, JobConfig]:
@@ -49,7 +53,16 @@ def release_job(job: JobConfig, run: str | os.PathLike, out: str | os.PathLike |
                         load_policy(settings.policy), settings.private_key, settings.public_key,
                         model_version=settings.model_version, intended_use=settings.intended_use,
                         selected_from=len(sweep_members(job)), override_reason=override_reason, job_name=job.name,
-                        audit=audit)
+                        audit=audit, card=CardDetails.from_release_config(settings),
+                        baseline_metrics=_non_private_baseline(run_dir, name))
+
+
+def _non_private_baseline(run_dir: RunDir, released: str) -> dict | None:
+    """The evaluation of the run's non-private model, when its sweep trained and evaluated one."""
+    if released == NON_PRIVATE_MEMBER:
+        return None
+    path = run_dir.member(NON_PRIVATE_MEMBER).metrics
+    return read_json_object(path, "the non-private model's metrics") if path.is_file() else None
 
 
 def _audit_of(run_dir: RunDir, member: str) -> Path | None:

@@ -1,9 +1,10 @@
 """Verifying a release bundle as its consumer must before trusting it.
 
 Every check runs and every failure is reported (naming the file), so one ``dpmedtf verify`` tells
-the whole story: files present, SHA256SUMS exact, signature valid for the given key, certificate and
-fairness report valid against dpmedtf's schemas, the certificate's ε recomputed from its own DP event,
-metadata, ONNX metadata and certificate agreeing, and the ONNX model loading and running.
+the whole story: files present, SHA256SUMS exact, signature valid for the given key, certificate,
+fairness report and model card (``model_card.json``) valid against dpmedtf's schemas, the certificate's
+ε recomputed from its own DP event, metadata, ONNX metadata, model card and certificate agreeing, and
+the ONNX model loading and running.
 
 Which key: ``--public-key`` (or ``DPMEDTF_PUBLIC_KEY``) is the publisher's key the consumer obtained
 separately, and proves who signed. Without one, the key shipped inside the bundle is used; that proves
@@ -24,8 +25,8 @@ import numpy as np
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.files import sha256_file
 from dpmedtf.release.certificate import check_consistency
-from dpmedtf.release.layout import (AUDIT_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_FILE,
-                                    PUBLIC_KEY_FILE, REQUIRED_FILES, SUMS_FILE, UNSUMMED)
+from dpmedtf.release.layout import (AUDIT_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_CARD_JSON_FILE,
+                                    MODEL_FILE, PUBLIC_KEY_FILE, REQUIRED_FILES, SUMS_FILE, UNSUMMED)
 from dpmedtf.resources import schema_problems
 from dpmedtf.release.signing import SigningError, fingerprint, verify_signature
 
@@ -71,9 +72,9 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
     _check_signature(bundle, public_key, report)
 
     documents = {}
-    for name in (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE):
+    for name in (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_CARD_JSON_FILE):
         try:
-            document = json.loads((bundle / name).read_text())
+            document = json.loads((bundle / name).read_bytes())  # JSON is UTF-8 whatever the consumer's locale
         except (OSError, ValueError) as exc:
             report.failures.append(f"{name}: not readable JSON ({exc.__class__.__name__}: {exc})")
             continue
@@ -94,11 +95,31 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
                      [f"{FAIRNESS_FILE}: {p}" for p in schema_problems(documents[FAIRNESS_FILE], "fairness_report.schema.json")])
     if metadata is not None and certificate is not None:
         report.check("metadata agrees with the certificate", _metadata_problems(bundle, metadata, certificate))
+    card = documents.get(MODEL_CARD_JSON_FILE)
+    if card is not None and report.check(
+            "model card matches its schema",
+            [f"{MODEL_CARD_JSON_FILE}: {p}" for p in schema_problems(card, "model_card.schema.json")]):
+        report.check("model card agrees with the certificate and metadata", _card_problems(card, certificate, metadata))
     if metadata is not None:
         report.check("ONNX model loads, matches its metadata and runs", _model_problems(bundle, metadata))
     if metadata is not None and metadata.get("synthetic_data"):
         report.warnings.append("this model was trained on SYNTHETIC data; it makes no clinical claim")
     return report
+
+
+def _card_problems(card: dict, certificate: dict | None, metadata: dict | None) -> list[str]:
+    """A card is what people read: its privacy and version must be the certified ones, not merely well-formed."""
+    problems = []
+    accounting, setting = card["privacy"]["accounting"], card["privacy"]["dp_setting"]
+    if certificate is not None:
+        stated = {"epsilon": accounting["epsilon"], "delta": accounting["delta"], "accountant": accounting["accountant"],
+                  "unit_of_privacy": setting["unit_of_privacy"]}
+        problems += [f"{MODEL_CARD_JSON_FILE}: privacy {key} = {value!r} but the certificate says {certificate.get(key)!r}"
+                     for key, value in stated.items() if value != certificate.get(key)]
+    if metadata is not None and card["model_details"]["version"]["name"] != metadata.get("model_version"):
+        problems.append(f"{MODEL_CARD_JSON_FILE}: model version {card['model_details']['version']['name']!r} differs "
+                        f"from {METADATA_FILE} ({metadata.get('model_version')!r})")
+    return problems
 
 
 def _audit_problems(bundle: Path, certificate: dict) -> list[str]:

@@ -25,6 +25,15 @@ def write_job(directory: Path, manifest: Path, key: Path, **release) -> Path:
     return path
 
 
+RELEASE_MANAGER_FIELDS = {  # what release managers state in the model card; the session's job sets them all
+    "owners": ["Radiology AI group, test site", "DP release team"],
+    "license": "CC-BY-NC-4.0",
+    "contact": "dp-release@example.org",
+    "citation": "Test site radiology AI group. tiny-release, a DP chest radiograph model (2026).",
+    "limitations": ["Only ever evaluated at 32 × 32 pixels."],
+}
+
+
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory):
     directory = tmp_path_factory.mktemp("keys")
@@ -38,7 +47,7 @@ def released_run(tmp_path_factory, keys):
     """(job file, run directory) of a finished, evaluated DP model on the synthetic cohort."""
     root = tmp_path_factory.mktemp("release-run")
     manifest = write_synthetic_cohort(root / "cohort", SyntheticCohortSpec(patients=40, image_size=48, seed=11))["radiograph"]
-    job_path = write_job(root, manifest, keys / "publisher.pem")
+    job_path = write_job(root, manifest, keys / "publisher.pem", **RELEASE_MANAGER_FIELDS)
     job = load_config(job_path)
     run_training_job(job, root / "run")
     evaluate_job(job, root / "run")

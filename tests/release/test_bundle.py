@@ -18,7 +18,7 @@ from dpmedtf.data import radiograph
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.models import load_model
 from dpmedtf.release.job import release_job
-from dpmedtf.release.layout import REQUIRED_FILES
+from dpmedtf.release.layout import FIGURE_SUFFIX, REQUIRED_FILES
 from dpmedtf.release.verify import BundleVerificationError, verify_bundle
 
 REAL_RADIOGRAPH = get_testdata_file("RG1_UNCR.dcm")
@@ -31,8 +31,9 @@ def run_cli(*args) -> int:
     return exit_info.value.code
 
 
-def test_bundle_has_the_contract_files_and_consistent_metadata(bundle):
-    assert sorted(p.name for p in bundle.iterdir()) == sorted(REQUIRED_FILES)
+def test_bundle_has_the_contract_files_and_consistent_metadata(bundle, released_run):
+    figures = sorted(p.name for p in (released_run[1] / "evaluation").glob(f"*{FIGURE_SUFFIX}"))
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*REQUIRED_FILES, *figures])  # no audit in this run
     certificate = json.loads((bundle / "privacy_certificate.json").read_text())
     for key in ("schema_version", "epsilon", "delta", "accountant", "unit_of_privacy", "sampling", "sampling_rate",
                 "noise_multiplier", "clip_norm", "steps", "dataset_size", "dp_event", "statement"):
