@@ -95,7 +95,8 @@ def load_candidate(member_dir: str | os.PathLike) -> ReleaseCandidate:
                             read_json_object(files.fairness_report, "the fairness report"), figures)
 
 
-def evaluation_non_dp_uses(selected_from: int = 1, figures: bool = False) -> tuple[dict, ...]:
+def evaluation_non_dp_uses(selected_from: int = 1, figures: bool = False,
+                           non_private_baseline: bool = False) -> tuple[dict, ...]:
     """What evaluating and publishing a model does with private data beyond DP-SGD."""
     published = "AUROC, subgroup and calibration statistics" + (" and figures drawn from the test predictions"
                                                                 if figures else "")
@@ -110,6 +111,10 @@ def evaluation_non_dp_uses(selected_from: int = 1, figures: bool = False) -> tup
         {"what": "hyperparameters", "how": "taken from the job configuration; dpmedtf performed no tuning on the data",
          "private_data_used": False},
     ]
+    if non_private_baseline:
+        uses.append({"what": "non-private baseline", "how": "the model card publishes the test AUROC of a model trained "
+                                                           "on the same training data without DP (the privacy–utility "
+                                                           "trade-off)", "private_data_used": True})
     if selected_from > 1:
         uses.append({"what": "model selection", "how": f"this model was chosen from {selected_from} trained models "
                                                        "of one sweep; a choice guided by their evaluation results used "
@@ -158,8 +163,9 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
 
     proto = export.to_onnx(candidate.model)
     parity = export.check_parity(candidate.model, proto, candidate.thresholds).to_json_dict()
-    certificate = _without_build_paths(build_certificate(candidate.ledger,
-                                                         evaluation_non_dp_uses(selected_from, bool(candidate.figures))))
+    uses = evaluation_non_dp_uses(selected_from, bool(candidate.figures),
+                                  non_private_baseline=baseline_metrics is not None)
+    certificate = _without_build_paths(build_certificate(candidate.ledger, uses))
     audit_data = Path(audit).read_bytes() if audit is not None else None
     if audit_data is not None:
         certificate["empirical_audit"] = audit_reference(audit_data)

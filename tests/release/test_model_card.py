@@ -284,3 +284,12 @@ def test_public_pretrained_weights_are_named_by_their_file_not_where_they_lay(re
     certificate = build_certificate(Ledger.load(released_run[1] / "ledger.json"))
     certificate["public_pretraining"]["weights"] = str(released_run[1] / "public" / "chexpert_resnet9.keras")
     assert _without_build_paths(certificate)["public_pretraining"]["weights"] == "chexpert_resnet9.keras"
+
+
+def test_publishing_the_non_private_baselines_auroc_is_listed_as_a_use_outside_dp():
+    from dpmedtf.release.bundle import evaluation_non_dp_uses
+
+    # a model trained on the same data without DP: its published AUROC is a statistic of the training data
+    listed = {u["what"]: u for u in evaluation_non_dp_uses(2, True, non_private_baseline=True)}
+    assert listed["non-private baseline"]["private_data_used"] is True
+    assert "non-private baseline" not in {u["what"] for u in evaluation_non_dp_uses(2, True)}
