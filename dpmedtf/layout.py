@@ -13,14 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
-class ModelDir:
-    """One trained model: its training outputs, checkpoints and evaluation."""
+@dataclass(frozen=True, init=False)
+class _Directory:
+    """A directory whose files the subclass names; built from any path-like, compared by its root."""
 
     root: Path
 
     def __init__(self, root: str | os.PathLike):
         object.__setattr__(self, "root", Path(root))
+
+
+@dataclass(frozen=True, init=False)
+class ModelDir(_Directory):
+    """One trained model: its training outputs, checkpoints and evaluation."""
 
     @property
     def model(self) -> Path:
@@ -75,14 +80,9 @@ class ModelDir:
         return self.evaluation.fairness_report
 
 
-@dataclass(frozen=True)
-class EvaluationDir:
+@dataclass(frozen=True, init=False)
+class EvaluationDir(_Directory):
     """What ``dpmedtf evaluate`` writes for one model (the evaluation contract of DESIGN.md)."""
-
-    root: Path
-
-    def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
 
     def __fspath__(self) -> str:  # usable wherever a directory path is
         return str(self.root)
@@ -132,14 +132,9 @@ class EvaluationDir:
         return self.root / f"subgroups_{attribute}.png"
 
 
-@dataclass(frozen=True)
-class AuditDir:
+@dataclass(frozen=True, init=False)
+class AuditDir(_Directory):
     """What ``dpmedtf audit`` writes: the canary audit's result, its figure and the twin's ledger."""
-
-    root: Path
-
-    def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
 
     @property
     def record(self) -> Path:
@@ -156,19 +151,10 @@ class AuditDir:
         """What the job's mechanism claims for the twin's steps (the ``certified_epsilon`` of the record)."""
         return self.root / "twin_ledger.json"
 
-    @property
-    def outputs(self) -> tuple[Path, ...]:
-        return (self.record, self.figure, self.twin_ledger)
 
-
-@dataclass(frozen=True)
-class RunDir:
+@dataclass(frozen=True, init=False)
+class RunDir(_Directory):
     """A job's run directory."""
-
-    root: Path
-
-    def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
 
     def member(self, name: str = "") -> ModelDir:
         """The model directory of sweep member ``name`` ("" for a job that trains one model)."""
