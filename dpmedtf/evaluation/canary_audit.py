@@ -95,7 +95,6 @@ def audit_record(bound: OneRunBound, twin, *, member: str, synthetic: bool) -> d
         "meaning": MEANING,
         "privacy_cost_for_release": PRIVACY_COST[twin.kind],
         "depends_on_training_data": twin.kind != "white-box",
-        "seconds": round(twin.seconds, 1),
     }
 
 
@@ -124,8 +123,8 @@ def run_canary_audit(config: JobConfig, out_dir: str | os.PathLike, *, audit_dir
     log(f"audit: training the twin of {name or job.name} with {canaries} {kind} canaries")
     twin = train_audit_twin(job, prepared, kind=kind, canaries=canaries, secret=secret, log=log)
     bound = audit_scores(twin.scores, twin.included, delta=job.privacy.delta, confidence=confidence)
-    record = audit_record(bound, twin, member=name or job.name, synthetic=prepared.cohort.synthetic)
-    record["seconds"] = round(time.monotonic() - started, 1)
+    record = {**audit_record(bound, twin, member=name or job.name, synthetic=prepared.cohort.synthetic),
+              "seconds": round(time.monotonic() - started, 1)}  # the whole audit: data, twin and scoring
     target.root.mkdir(parents=True, exist_ok=True)
     twin.ledger.save(target.twin_ledger)
     audit_bound(record["by_guesses"], record["certified_epsilon"], confidence, kind, target.figure,

@@ -9,15 +9,13 @@ from pathlib import Path
 
 from dpmedtf.config import JobConfig
 from dpmedtf.errors import ConfigError
+from dpmedtf.evaluation.canary_audit import read_audit
 from dpmedtf.files import read_json_object
 from dpmedtf.layout import RunDir
 from dpmedtf.release.bundle import build_bundle, load_candidate
 from dpmedtf.release.model_card import CardDetails
 from dpmedtf.release.policy import load_policy
-
-NON_PRIVATE_MEMBER = "non-private"
-"""The sweep member trained without DP (privacy.sweep_non_private): the card's privacy–utility baseline."""
-
+from dpmedtf.training.job import NON_PRIVATE_MEMBER  # the card's privacy–utility baseline
 
 def release_member(job: JobConfig) -> tuple[str, JobConfig]:
     """(name, config) of the model a job releases: its only model, or ``release.member`` of a sweep.
@@ -67,12 +65,10 @@ def _non_private_baseline(run_dir: RunDir, released: str) -> dict | None:
 
 def _audit_of(run_dir: RunDir, member: str) -> Path | None:
     """The run's canary audit when it audited the released model's mechanism (else None)."""
+    audit = read_audit(run_dir.root)
+    if audit is None or audit.get("member") != member:
+        return None
     path = run_dir.audit.record
-    if not path.is_file():
-        return None
-    audit = read_json_object(path, "the canary audit record")
-    if audit.get("member") != member:
-        return None
     if audit.get("depends_on_training_data", True):
         # A black-box audit's scores are a DP release of the training data in their own right: publishing them
         # would add to the certified ε, which a referenced audit must never change.

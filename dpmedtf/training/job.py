@@ -14,6 +14,9 @@ from dpmedtf.layout import RunDir
 from dpmedtf.training.distribution import strategy_for
 from dpmedtf.training.trainer import TrainingResult, train
 
+NON_PRIVATE_MEMBER = "non-private"
+"""The name of the sweep member trained without DP (privacy.sweep_non_private)."""
+
 
 def prepare_data(config: JobConfig, out_dir: Path, progress=None) -> PreparedData:
     """The job's manifest loaded, checked and preprocessed into the cache (reused when unchanged).
@@ -49,7 +52,7 @@ def sweep_members(config: JobConfig) -> list[tuple[str, JobConfig]]:
         # DP class counts belong to the DP regime; the baseline takes its default (exact counts).
         training = dataclasses.replace(config.training, class_weights=None) \
             if config.training.class_weights == "dp_counts" else config.training
-        members.append(("non-private", resolve(dataclasses.replace(config, privacy=privacy, training=training))))
+        members.append((NON_PRIVATE_MEMBER, resolve(dataclasses.replace(config, privacy=privacy, training=training))))
     return members
 
 
