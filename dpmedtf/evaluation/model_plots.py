@@ -22,7 +22,7 @@ from dpmedtf.evaluation.bootstrap import Interval
 from dpmedtf.evaluation.fairness import calibration_bins, expected_calibration_error, with_attribute_columns
 # pyplot from plots, which selects the Agg backend before pyplot loads: no display is ever needed.
 from dpmedtf.evaluation.plots import COLOURS, error_bars, number, plt, save_figure, stamped
-from dpmedtf.evaluation.rate_intervals import mean_rate_intervals
+from dpmedtf.evaluation.rate_intervals import mean_rate_intervals, thresholded
 from dpmedtf.layout import EvaluationDir
 
 UNRELIABLE = "†"
@@ -149,7 +149,6 @@ def subgroup_intervals(rows: list[dict], test: pd.DataFrame, thresholds: dict[st
     """Per group of ``attribute`` (its "mean" row of the fairness report): the row, its AUROC interval as
     reported, and the FNR interval bootstrapped from the predictions with the evaluation's redraws."""
     frame = with_attribute_columns(test)
-    findings = list(thresholds)
     groups = frame[attribute].astype(str).to_numpy()
     out = []
     for row in (r for r in rows if r["attribute"] == attribute and r["finding"] == "mean"):
@@ -157,8 +156,7 @@ def subgroup_intervals(rows: list[dict], test: pd.DataFrame, thresholds: dict[st
         if members.empty:  # a group the CSV spells differently: show the reported FNR, invent no CI
             fnr = Interval(number(row["fnr"]), float("nan"), float("nan"))
         else:
-            y = members[[f"{f}_true" for f in findings]].to_numpy()
-            predicted = np.column_stack([members[f"{f}_prob"].to_numpy() >= thresholds[f] for f in findings])
+            y, predicted = thresholded(members, thresholds)
             fnr = mean_rate_intervals(y, predicted, redraws, seed)["fnr"]
         out.append({"row": row, "fnr": fnr,
                     "auroc": Interval(number(row["auroc"]), number(row["auroc_ci_low"]), number(row["auroc_ci_high"]))})

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dpmedtf.evaluation.bootstrap import Interval  # noqa: E402
-from dpmedtf.evaluation.rate_intervals import mean_rate_intervals  # noqa: E402
+from dpmedtf.evaluation.rate_intervals import mean_rate_intervals, thresholded  # noqa: E402
 
 COLOURS = plt.get_cmap("tab10").colors
 SYNTHETIC_STAMP = "SYNTHETIC DATA — no clinical meaning"
@@ -72,10 +72,8 @@ UTILITY = (("auroc", "AUROC"), ("sensitivity", "sensitivity"), ("specificity", "
 def utility_intervals(member) -> dict[str, Interval]:
     """A model's mean-over-findings test AUROC (its CI from metrics.json) and its sensitivity, specificity and
     accuracy at the validation thresholds, with CIs from the evaluation's own bootstrap redraws."""
-    metrics, findings = member.metrics, list(member.metrics["findings"])
-    y = member.predictions[[f"{f}_true" for f in findings]].to_numpy()
-    predicted = np.column_stack([member.predictions[f"{f}_prob"].to_numpy() >= metrics["findings"][f]["threshold"]
-                                 for f in findings])
+    metrics = member.metrics
+    y, predicted = thresholded(member.predictions, {f: m["threshold"] for f, m in metrics["findings"].items()})
     rates = mean_rate_intervals(y, predicted, metrics["bootstrap"]["redraws"], metrics["bootstrap"]["seed"])
     mean = metrics["mean"]
     return {"auroc": Interval(number(mean["auroc"]), number(mean.get("auroc_ci_low")), number(mean.get("auroc_ci_high"))),

@@ -19,6 +19,15 @@ from dpmedtf.evaluation.bootstrap import Interval, percentile_interval, redraw_w
 RATES = ("sensitivity", "specificity", "accuracy", "fnr")
 
 
+def thresholded(predictions, thresholds: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, findings) true labels and decisions at each finding's threshold, from a predictions table
+    (``<finding>_true`` / ``<finding>_prob`` columns), findings in ``thresholds``' order."""
+    findings = list(thresholds)
+    y = predictions[[f"{f}_true" for f in findings]].to_numpy()
+    predicted = np.column_stack([predictions[f"{f}_prob"].to_numpy() >= thresholds[f] for f in findings])
+    return y, predicted
+
+
 def mean_rate_intervals(y_true: np.ndarray, predicted: np.ndarray, redraws: int, seed: int) -> dict[str, Interval]:
     """Rate → estimate and percentile 95% CI of its mean over findings, for (n, findings) 0/1 arrays."""
     y_true, predicted = _as_matrix(y_true), _as_matrix(predicted)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 
 from dpmedtf import __version__
 from dpmedtf.errors import DpmedtfError, OutputError, OutputExistsError
@@ -31,7 +30,7 @@ from dpmedtf.layout import ModelDir
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.release import export
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
-from dpmedtf.release.card_rendering import model_card_html, model_card_markdown
+from dpmedtf.release.card_rendering import auroc_interval_text, model_card_html, model_card_markdown, number_text
 from dpmedtf.release.model_card import SCHEMA_FILE as MODEL_CARD_SCHEMA, CardDetails, CardInputs, build_model_card
 from dpmedtf.release.policy import DEFAULT_POLICY, ReleasePolicy, Violation, check_policy
 from dpmedtf.resources import release_file, schema_problems
@@ -309,14 +308,6 @@ def _onnx_properties(metadata: Mapping[str, Any]) -> dict[str, str]:
 
 # --- documents ---------------------------------------------------------------------------------------
 
-def _number(value, digits=3) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _interval(row) -> str:
-    return f"{_number(row['auroc'])} ({_number(row['auroc_ci_low'])}–{_number(row['auroc_ci_high'])})"
-
-
 def fairness_markdown(report: Mapping[str, Any], title: str) -> str:
     lines = [f"# Fairness report: {title}", ""]
     if report.get("synthetic_data"):
@@ -326,8 +317,9 @@ def fairness_markdown(report: Mapping[str, Any], title: str) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['attribute']} | {row['group']} | {row['finding']} | {row['n']} | {row.get('n_positive', '')} | "
-                     f"{_interval(row)} | {_number(row['accuracy'])} | {_number(row['statistical_parity_difference'], 3)} | "
-                     f"{_number(row['fnr'])} | {_number(row['fpr'])} | {_number(row['ece'])} | {row.get('warning') or ''} |")
+                     f"{auroc_interval_text(row)} | {number_text(row['accuracy'])} | "
+                     f"{number_text(row['statistical_parity_difference'], 3)} | {number_text(row['fnr'])} | "
+                     f"{number_text(row['fpr'])} | {number_text(row['ece'])} | {row.get('warning') or ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,14 +20,16 @@ from dpmedtf.resources import release_file
 TEMPLATE = "model_card.md"
 
 
-def _number(value, digits: int = 3) -> str:
+def number_text(value, digits: int = 3) -> str:
+    """A number for a card or fairness table; "n/a" for null or NaN (a rate with no denominator)."""
     if value is None or isinstance(value, bool) or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}f}"
 
 
-def _interval(row: Mapping[str, Any]) -> str:
-    return f"{_number(row['auroc'])} ({_number(row['auroc_ci_low'])}–{_number(row['auroc_ci_high'])})"
+def auroc_interval_text(row: Mapping[str, Any]) -> str:
+    """AUROC (95% CI low–high) of a metrics or fairness row."""
+    return f"{number_text(row['auroc'])} ({number_text(row['auroc_ci_low'])}–{number_text(row['auroc_ci_high'])})"
 
 
 def _cell(text: Any) -> str:
@@ -104,18 +106,18 @@ def _hyperparameters(procedure: Mapping[str, Any]) -> str:
 
 
 def _metrics_table(evaluation: Mapping[str, Any]) -> str:
-    rows = [f"| {_cell(m['label'])} | {_interval(m)} | {_number(m['threshold'])} | {_number(m['sensitivity'])} | "
-            f"{_number(m['specificity'])} | {m['n_positive'] if m['n_positive'] is not None else 'n/a'} |"
+    rows = [f"| {_cell(m['label'])} | {auroc_interval_text(m)} | {number_text(m['threshold'])} | {number_text(m['sensitivity'])} | "
+            f"{number_text(m['specificity'])} | {m['n_positive'] if m['n_positive'] is not None else 'n/a'} |"
             for m in evaluation["metrics"]]
     mean = evaluation["mean"]
-    rows.append(f"| **mean** | {_interval(mean)} | | {_number(mean['sensitivity'])} | {_number(mean['specificity'])} | |")
+    rows.append(f"| **mean** | {auroc_interval_text(mean)} | | {number_text(mean['sensitivity'])} | {number_text(mean['specificity'])} | |")
     return "\n".join(rows)
 
 
 def _subgroup_table(subgroups: Mapping[str, Any]) -> str:
     return "\n".join(
-        f"| {_cell(r['attribute'])} | {_cell(r['group'])} | {r['n']} | {_interval(r)} | {_number(r['accuracy'])} | "
-        f"{_number(r['statistical_parity_difference'])} | {_number(r['fnr'])} | {_number(r['fpr'])} |"
+        f"| {_cell(r['attribute'])} | {_cell(r['group'])} | {r['n']} | {auroc_interval_text(r)} | {number_text(r['accuracy'])} | "
+        f"{number_text(r['statistical_parity_difference'])} | {number_text(r['fnr'])} | {number_text(r['fpr'])} |"
         for r in subgroups["rows"])
 
 
@@ -172,8 +174,8 @@ def _empirical_privacy(privacy: Mapping[str, Any]) -> str:
     if attack:
         found = [(name.replace("_", " "), attack[name]) for name in ("threshold_attack", "trained_attack")
                  if isinstance(attack.get(name), Mapping)]
-        results = "; ".join(f"{name}: AUC {_number(a.get('auc'))} (± {_number(a.get('auc_standard_error'))}), "
-                            f"advantage {_number(a.get('advantage'))}" for name, a in found)
+        results = "; ".join(f"{name}: AUC {number_text(a.get('auc'))} (± {number_text(a.get('auc_standard_error'))}), "
+                            f"advantage {number_text(a.get('advantage'))}" for name, a in found)
         lines.append(f"**Membership inference** ({attack.get('n_members')} members from the {attack.get('members')}, "
                      f"{attack.get('n_nonmembers')} non-members from the {attack.get('non_members')}): {results}. "
                      f"{attack['meaning']}")
@@ -191,10 +193,10 @@ def _tradeoff(tradeoff: Mapping[str, Any] | None, considerations: Mapping[str, A
     if tradeoff is None:
         return notes
     mean = tradeoff["mean_auroc"]
-    rows = [f"| **mean** | {_interval(mean['private'])} | {_interval(mean['non_private'])} | "
-            f"{_number(mean['difference'])} |"]
-    rows += [f"| {_cell(r['label'])} | {_number(r['private_auroc'])} | {_number(r['non_private_auroc'])} | "
-             f"{_number(r['difference'])} |" for r in tradeoff["per_label"]]
+    rows = [f"| **mean** | {auroc_interval_text(mean['private'])} | {auroc_interval_text(mean['non_private'])} | "
+            f"{number_text(mean['difference'])} |"]
+    rows += [f"| {_cell(r['label'])} | {number_text(r['private_auroc'])} | {number_text(r['non_private_auroc'])} | "
+             f"{number_text(r['difference'])} |" for r in tradeoff["per_label"]]
     return (f"Test AUROC of this model (ε = {tradeoff['epsilon']:.4g}) and of {tradeoff['baseline_description']}:\n\n"
             "| Label | DP AUROC | Non-private AUROC | Difference |\n|---|---|---|---|\n" + "\n".join(rows)
             + "\n\n" + notes)
