@@ -28,7 +28,7 @@ from dpmedtf.errors import DpmedtfError, OutputError, OutputExistsError
 from dpmedtf.files import json_safe, read_json_object, removed_on_failure, sha256_file
 from dpmedtf.layout import ModelDir
 from dpmedtf.privacy.ledger import Ledger
-from dpmedtf.release import export
+from dpmedtf.release import export, onnx_model
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
 from dpmedtf.release.card_rendering import auroc_interval_text, model_card_html, model_card_markdown, number_text
 from dpmedtf.release.model_card import SCHEMA_FILE as MODEL_CARD_SCHEMA, CardDetails, CardInputs, build_model_card
@@ -259,9 +259,9 @@ def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: 
         "synthetic_data": bool(candidate.training.get("synthetic_data")),
         "task": ("multi-label classification of findings on chest radiographs" if modality == "radiograph"
                  else "binary classification of CT volumes"),
-        "input": {"name": export.INPUT_NAME, "dtype": "float32", "shape": ["batch", *model.input_shape[1:]],
+        "input": {"name": onnx_model.INPUT_NAME, "dtype": "float32", "shape": ["batch", *model.input_shape[1:]],
                   "layout": "NHWC" if modality == "radiograph" else "NDHWC", "value_range": [0.0, 1.0]},
-        "output": {"name": export.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(labels)],
+        "output": {"name": onnx_model.OUTPUT_NAME, "dtype": "float32", "shape": ["batch", len(labels)],
                    "value_range": [0.0, 1.0], "meaning": "sigmoid probability per label"},
         "labels": labels,
         "thresholds": candidate.thresholds,

@@ -16,19 +16,11 @@ import numpy as np
 import onnx
 import tensorflow as tf
 
-from dpmedtf.errors import DpmedtfError
+from dpmedtf.release.onnx_model import (BATCH_DIM, INPUT_NAME, OPSET, OUTPUT_NAME, ExportError, check_graph,  # noqa: F401
+                                        metadata_of, session, set_metadata)
 
-OPSET = 17
-"""Pinned: recorded in the bundle; onnxruntime ≥ 1.14 and onnxruntime-node run it."""
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
-BATCH_DIM = "batch"
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 5)
-
-
-class ExportError(DpmedtfError):
-    """The ONNX model is not a faithful, runnable copy of the Keras model."""
 
 
 @dataclass(frozen=True)
@@ -81,33 +73,6 @@ def _name_batch_dimension(proto: onnx.ModelProto) -> None:
         first.dim_param = BATCH_DIM
 
 
-def check_graph(proto: onnx.ModelProto) -> None:
-    """Raises ExportError unless the graph is valid ONNX made only of ops the opset defines.
-
-    The op scan comes first: tf2onnx keeps an op it cannot convert under its TensorFlow name, and
-    saying which ops those are is more use than the checker's generic complaint about the first."""
-    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
-    unconverted = sorted({f"{node.op_type} ({node.name})" for node in proto.graph.node
-                          if not onnx.defs.has(node.op_type, node.domain or "")})
-    if unconverted:
-        raise ExportError(f"tf2onnx left {len(unconverted)} TensorFlow op(s) unconverted at opset "
-                          f"{opsets.get('ai.onnx')}: {', '.join(unconverted[:10])}")
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"the ONNX graph is invalid: {str(exc).splitlines()[0]}") from None
-    names = ([i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
-    if names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise ExportError(f"expected one input {INPUT_NAME!r} and one output {OUTPUT_NAME!r}, got {names}")
-
-
-def session(model_bytes: bytes):
-    """An onnxruntime session on the CPU (the consumer's lowest common denominator)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
 def parity_inputs(input_shape: Sequence[int], batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -136,17 +101,3 @@ def check_parity(model: tf.keras.Model, proto: onnx.ModelProto, thresholds: Mapp
             cases.append(ParityCase(name, batch_size, float(np.max(np.abs(actual - expected))),
                                     bool(np.array_equal(actual >= cut, expected >= cut))))
     return ParityReport(tolerance, tuple(cases))
-
-
-def set_metadata(proto: onnx.ModelProto, properties: Mapping[str, str]) -> None:
-    """ONNX metadata_props (string → string), replacing any of the same key."""
-    keep = [p for p in proto.metadata_props if p.key not in properties]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(keep)
-    for key, value in properties.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-
-
-def metadata_of(proto: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in proto.metadata_props}

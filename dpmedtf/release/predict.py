@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dpmedtf.errors import DataError, DpmedtfError, OutputError, OutputExistsError
-from dpmedtf.release import export
+from dpmedtf.release import onnx_model
 from dpmedtf.release.layout import CERTIFICATE_FILE, METADATA_FILE, MODEL_FILE
 from dpmedtf.release.verify import BundleVerificationError, VerificationReport, verify_bundle
 
@@ -66,7 +66,7 @@ class LoadedBundle:
 
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """Preprocessed inputs (N, …) → probabilities (N, labels)."""
-        (output,) = self.session.run([export.OUTPUT_NAME], {export.INPUT_NAME: np.asarray(inputs, np.float32)})
+        (output,) = self.session.run([onnx_model.OUTPUT_NAME], {onnx_model.INPUT_NAME: np.asarray(inputs, np.float32)})
         return output
 
 
@@ -78,7 +78,7 @@ def load(path: str | os.PathLike, public_key: str | os.PathLike | None = None) -
         raise BundleVerificationError(report)
     metadata = json.loads((path / METADATA_FILE).read_text())
     certificate = json.loads((path / CERTIFICATE_FILE).read_text())
-    return LoadedBundle(path, export.session((path / MODEL_FILE).read_bytes()), metadata, certificate, report)
+    return LoadedBundle(path, onnx_model.session((path / MODEL_FILE).read_bytes()), metadata, certificate, report)
 
 
 def check_inputs_exist(inputs: Sequence[str | os.PathLike]) -> None:

@@ -236,18 +236,18 @@ def _preprocessing_problems(metadata: dict) -> list[str]:
 def _model_problems(bundle: Path, metadata: dict) -> list[str]:
     import onnx
 
-    from dpmedtf.release import export
+    from dpmedtf.release import onnx_model
 
     path = bundle / MODEL_FILE
     if not path.is_file():
         return []
     try:
         proto = onnx.load(str(path))
-        export.check_graph(proto)
+        onnx_model.check_graph(proto)
     except Exception as exc:  # a corrupt protobuf raises DecodeError, a broken graph ExportError
         return [f"{MODEL_FILE}: not a valid ONNX model ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"]
     problems = []
-    properties = export.metadata_of(proto)
+    properties = onnx_model.metadata_of(proto)
     privacy = _mapping(metadata.get("privacy"))
     expected = {"model_version": metadata.get("model_version"), "labels": json.dumps(metadata.get("labels")),
                 "thresholds": json.dumps(metadata.get("thresholds")),
@@ -265,8 +265,8 @@ def _model_problems(bundle: Path, metadata: dict) -> list[str]:
             problems.append(f"{MODEL_FILE}: metadata_props[{key!r}] missing or not a number")
     try:
         shape = [int(s) for s in metadata["input"]["shape"][1:]]
-        runtime = export.session(path.read_bytes())
-        (output,) = runtime.run([export.OUTPUT_NAME], {export.INPUT_NAME: np.zeros((2, *shape), np.float32)})
+        runtime = onnx_model.session(path.read_bytes())
+        (output,) = runtime.run([onnx_model.OUTPUT_NAME], {onnx_model.INPUT_NAME: np.zeros((2, *shape), np.float32)})
     except Exception as exc:  # onnxruntime raises its own exception types
         return problems + [f"{MODEL_FILE}: onnxruntime cannot run it ({str(exc).splitlines()[0]})"]
     labels = metadata.get("labels")
