@@ -43,7 +43,8 @@ class DataConfig:
     split_fractions: tuple[float, float, float] = option((0.7, 0.1, 0.2), "train/validation/test fractions for a patient-wise split when the manifest has no split column", ge=0.0, le=1.0)
     split_seed: int = option(0, "seed of the patient-wise split", ge=0)
     cache_dir: Optional[Path] = option(None, "where preprocessed images are cached (default: inside the run directory)")
-    skip_bad: bool = option(False, "skip unreadable inputs, listing each in a quarantine CSV, instead of stopping")
+    skip_bad: bool = option(False, "skip unreadable inputs, listing each in a quarantine CSV, instead of stopping; the count and the CSV are reported at the end of prepare and run, on the summary page and in the certificate")
+    accept_modalities: tuple[str, ...] = option(("CT",), "DICOM Modality codes a CT series may have (a series without a Modality element counts as 'unknown'); anything else (e.g. MR: no Hounsfield units) is refused. Widen it only for archives that label CT oddly")
 
 
 @dataclass(frozen=True)

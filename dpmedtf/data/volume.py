@@ -9,6 +9,14 @@ axial slices as a radiologist views them.
 HU: per-slice RescaleSlope/Intercept, or for enhanced multi-frame CT the PixelValueTransformation in
 the per-frame or shared functional groups (pydicom's modality LUT does not look there).
 Preprocessing (paper): clip to −150…250 HU, scale to [0, 1], trilinear resize to 224×224×128 (H×W×D).
+
+What is refused, because resampling would silently distort it or it is not CT at all:
+- a series whose slices are not evenly spaced along the slice normal: the spacing is measured between
+  neighbouring slices, and a step more than ``SLICE_SPACING_TOLERANCE`` (10 %) away from the series' median
+  step is a missing slice (a whole multiple of the step) or uneven spacing, named with the two slices;
+- a series whose Modality is not in ``accept_modalities`` (default CT: an MR or PET series has no Hounsfield
+  units; ``data.accept_modalities`` overrides it for unusual archives), or whose pixels are not greyscale;
+- a constant (blank) volume, and a NIfTI whose affine is singular or not finite (its orientation is unknown).
 """
 
 from __future__ import annotations
@@ -22,16 +30,22 @@ from dpmedtf.errors import ConfigError, DataError, OutputError
 
 DEFAULT_VOLUME_SHAPE = (224, 224, 128)  # (H, W, D), as the paper states it
 DEFAULT_HU_WINDOW = (-150.0, 250.0)
+DEFAULT_ACCEPTED_MODALITIES = ("CT",)
+SLICE_SPACING_TOLERANCE = 0.10
+"""A step between neighbouring slices may differ from the series' median step by this fraction."""
+NO_MODALITY = "unknown"
+"""How a DICOM without a Modality element counts against ``accept_modalities``."""
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def load_hu(path: str | os.PathLike) -> np.ndarray:
-    """float32 (D, H, W) in Hounsfield units, canonically oriented, from a NIfTI file or DICOM folder."""
+def load_hu(path: str | os.PathLike, accept_modalities=DEFAULT_ACCEPTED_MODALITIES) -> np.ndarray:
+    """float32 (D, H, W) in Hounsfield units, canonically oriented, from a NIfTI file or DICOM folder.
+    A DICOM series must have one of ``accept_modalities`` (DICOM Modality codes, e.g. CT)."""
     import nibabel as nib
 
     path = Path(path)
     if path.is_dir():
-        data, affine = _dicom_series(path)
+        data, affine = _dicom_series(path, accept_modalities)
         image = nib.Nifti1Image(data, affine)
     elif path.is_file():
         if path.stat().st_size == 0:
@@ -52,20 +66,39 @@ def load_hu(path: str | os.PathLike) -> np.ndarray:
     if min(image.shape) < 1:
         raise DataError(f"{path}: volume has shape {tuple(image.shape)}, so no voxels (an empty export?); "
                         "re-export the volume")
+    _check_affine(path, np.asarray(image.affine, float))
     try:
         canonical = nib.as_closest_canonical(image)
         hu = np.asarray(canonical.get_fdata(dtype=np.float32))
-    except Exception as exc:  # a degenerate affine (zeros, NaN) has no orientation
+    except Exception as exc:  # what _check_affine cannot foresee: still the orientation, still this file
         raise DataError(f"{path}: the volume's orientation (affine) is unusable ({type(exc).__name__}: {exc}); "
                         "fix the conversion that produced it") from None
     if not np.isfinite(hu).all():
         raise DataError(f"{path}: volume contains {int((~np.isfinite(hu)).sum())} NaN/Inf voxel(s); "
                         "fix the conversion that produced it")
+    if hu.max() == hu.min():
+        raise DataError(f"{path}: volume is blank: every one of its {hu.size} voxels is {float(hu.flat[0]):g} HU; "
+                        "a failed or empty export? Re-export the volume, or remove the row")
     # RAS+ (x: →Right, y: →Anterior, z: →Superior) to (z, rows anterior→posterior, columns right→left).
     return np.ascontiguousarray(hu[::-1, ::-1, :].transpose(2, 1, 0))
 
 
-def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    """DataError unless the voxel axes of ``affine`` are finite and independent (a volume has an orientation)."""
+    axes = affine[:3, :3]
+    if not np.isfinite(affine).all():
+        raise DataError(f"{path}: the volume's affine (voxel → patient coordinates) holds NaN or Inf, so its "
+                        "orientation is unknown; fix the conversion that produced it")
+    lengths = np.linalg.norm(axes, axis=0)
+    if lengths.min() == 0 or abs(np.linalg.det(axes / lengths)) < 1e-6:
+        zero = [axis for axis, length in zip("ijk", lengths) if length == 0]
+        why = (f"voxel {'axis' if len(zero) == 1 else 'axes'} {', '.join(zero)} of zero length" if zero
+               else "two voxel axes point the same way")
+        raise DataError(f"{path}: the volume's affine is singular ({why}: {np.round(axes, 4).tolist()}), so its "
+                        "orientation and voxel spacing are unknown; fix the conversion that produced it")
+
+
+def _dicom_series(folder: Path, accept_modalities=DEFAULT_ACCEPTED_MODALITIES) -> tuple[np.ndarray, np.ndarray]:
     """(columns, rows, slices) HU array and its RAS affine, from the DICOM files in ``folder``."""
     import pydicom
 
@@ -88,11 +121,14 @@ def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise DataError(f"{folder}: holds {len(series)} different series; give each series its own folder")
+    _check_content(folder, datasets, files, accept_modalities)
     try:
         if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
             slices, positions, orientation, spacing = _enhanced_frames(datasets[0], files[0])
+            names = [f"{files[0].name} frame {k + 1}" for k in range(len(slices))]
         else:
             slices, positions, orientation, spacing = _classic_slices(datasets, files)
+            names = [file.name for file in files]
     except DataError:
         raise
     except Exception as exc:  # malformed geometry elements (wrong count, not numbers, missing sequences)
@@ -104,10 +140,11 @@ def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     positions = positions[order]
     volume = np.stack([slices[i] for i in order], axis=-1)  # (rows, columns, slices)
     if len(positions) > 1:
-        step = (positions[-1] - positions[0]) / (len(positions) - 1)
         distances = np.diff(positions @ normal)
         if np.any(distances < 1e-3):
             raise DataError(f"{folder}: two slices share a position; the folder mixes series or holds duplicates")
+        _check_even_spacing(folder, positions @ normal, [names[i] for i in order])
+        step = (positions[-1] - positions[0]) / (len(positions) - 1)  # evenly spaced: the mean step is every step
     else:
         step = normal * spacing[2]
     affine_lps = np.eye(4)
@@ -117,6 +154,57 @@ def _dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     affine_lps[:3, 3] = positions[0]
     affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_lps  # DICOM is LPS, NIfTI RAS
     return volume.transpose(1, 0, 2), affine_ras
+
+
+def _check_content(folder: Path, datasets, files, accept_modalities) -> None:
+    """DataError unless every file is a greyscale image of an accepted modality (CT by default)."""
+    accepted = {str(m).strip().upper() for m in accept_modalities}
+    for ds, file in zip(datasets, files):
+        modality = str(ds.get("Modality", "") or "").strip().upper() or NO_MODALITY.upper()
+        if modality not in accepted:
+            what = "has no Modality element" if modality == NO_MODALITY.upper() else f"is Modality {modality}"
+            listed = ", ".join(sorted(accepted | {NO_MODALITY if modality == NO_MODALITY.upper() else modality}))
+            raise DataError(f"{file}: the series in {folder} {what}, not {' or '.join(sorted(accepted))}: its pixel "
+                            f"values are not Hounsfield units, so it is refused as a CT volume. Remove the row, or, if "
+                            f"this archive labels CT oddly, set data.accept_modalities: [{listed}]")
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
+        if samples != 1 or not photometric.startswith("MONOCHROME"):
+            raise DataError(f"{file}: the slice is a colour image ({photometric}, {samples} samples per pixel); a CT "
+                            "slice is greyscale (MONOCHROME2). Is it a secondary capture or a screenshot? Remove it "
+                            "from the series folder")
+
+
+def _check_even_spacing(folder: Path, heights: np.ndarray, names: list[str]) -> None:
+    """DataError naming the first gap when neighbouring slices (sorted ``heights`` along the normal, mm) are
+    not evenly spaced within ``SLICE_SPACING_TOLERANCE`` of the median step."""
+    steps = np.diff(heights)
+    if len(steps) < 2:
+        return  # two slices: one step, nothing to compare it with
+    expected = float(np.median(steps))
+    off = np.abs(steps - expected) > SLICE_SPACING_TOLERANCE * expected
+    if not off.any():
+        return
+    # Most steps equal and the odd ones whole multiples of them: slices missing from an even series.
+    multiples = steps / expected
+    whole = (np.round(multiples) >= 2) & (np.abs(multiples - np.round(multiples)) <= SLICE_SPACING_TOLERANCE)
+    if np.all(whole[off]):
+        i = int(np.flatnonzero(off)[0])
+        count = int(np.round(multiples[i])) - 1
+        total = int(np.sum(np.round(multiples[off]) - 1))
+        more = f"; {total} slice(s) are missing in all" if total > count else ""
+        raise DataError(
+            f"{folder}: the series has a gap: between slices {names[i]} (at {heights[i]:.2f} mm along the slice "
+            f"normal) and {names[i + 1]} (at {heights[i + 1]:.2f} mm) the step is {steps[i]:.4g} mm where the series' "
+            f"step is {expected:.4g} mm, so {count} slice(s) are missing there{more}. Resampling would stretch the "
+            "anatomy across the gap; re-export the complete series, or remove the row")
+    i = int(np.flatnonzero(off)[0])
+    raise DataError(
+        f"{folder}: the slices are unevenly spaced: between {names[i]} (at {heights[i]:.2f} mm along the slice "
+        f"normal) and {names[i + 1]} (at {heights[i + 1]:.2f} mm) the step is {steps[i]:.4g} mm, but the series' "
+        f"median step is {expected:.4g} mm (tolerance ±{SLICE_SPACING_TOLERANCE:.0%}; steps range "
+        f"{steps.min():.4g}–{steps.max():.4g} mm). dpmedtf resamples on an even grid, which would distort this "
+        "series; re-export it with even spacing, or remove the row")
 
 
 def _rescale(pixels: np.ndarray, holder) -> np.ndarray:
@@ -225,10 +313,10 @@ def preprocess(hu: np.ndarray, volume_shape=DEFAULT_VOLUME_SHAPE, hu_window=DEFA
 
 
 def preprocess_file(path: str | os.PathLike, volume_shape=DEFAULT_VOLUME_SHAPE,
-                    hu_window=DEFAULT_HU_WINDOW) -> np.ndarray:
+                    hu_window=DEFAULT_HU_WINDOW, accept_modalities=DEFAULT_ACCEPTED_MODALITIES) -> np.ndarray:
     """One NIfTI file or DICOM folder to what the model sees (before channel expansion)."""
     check_parameters(volume_shape, hu_window)  # before the read: a bad option is not the file's fault
-    return preprocess(load_hu(path), volume_shape, hu_window)
+    return preprocess(load_hu(path, accept_modalities), volume_shape, hu_window)
 
 
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".npy")

@@ -29,7 +29,8 @@ def prepare_data(config: JobConfig, out_dir: Path, progress=None) -> PreparedDat
         raise ConfigError("data.manifest is required to train: give the path of the manifest CSV")
     cohort = load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)
     spec = PreprocessSpec(data.modality, image_size=data.image_size, volume_shape=data.volume_shape,
-                          hu_window=data.hu_window, dicom_decoder=data.dicom_decoder)
+                          hu_window=data.hu_window, dicom_decoder=data.dicom_decoder,
+                          accept_modalities=data.accept_modalities)
     return prepare(cohort, spec, data.cache_dir or RunDir(out_dir).cache, skip_bad=data.skip_bad, progress=progress)
 
 
