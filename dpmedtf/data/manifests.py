@@ -5,10 +5,19 @@ column per finding with its grade (name or 0–4), optional ``split``. CT manife
 (NIfTI file or DICOM series folder), ``patient_id``, ``sex``, ``age``, ``label`` (0/1), optional
 ``split``. Every problem is reported with the CSV file, its line number and what to do; nothing is
 dropped. Without a ``split`` column the split is made patient-wise here.
+
+The file is read as UTF-8, comma-separated. Reserved column names (those above, and ``synthetic``) are
+matched case-insensitively: a column ``Split`` or ``Patient_ID`` means what it says, since ignoring it
+(and, for ``Split``, silently redoing the split) would be the worse mistake. A column named twice, a
+file listed twice (after resolving ``..`` and symbolic links), another encoding (named with its line)
+and a ``;``- or tab-separated file (with a hint) are refused.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,14 +30,17 @@ from dpmedtf.errors import DataError
 
 Modality = Literal["radiograph", "volume"]
 PATH_COLUMN = {"radiograph": "image_path", "volume": "volume_path"}
+RESERVED_COLUMNS = frozenset({*PATH_COLUMN.values(), "patient_id", "sex", "age", "label", "split", "synthetic",
+                              *L.FINDINGS})
 MAX_LISTED_PROBLEMS = 20
+_OTHER_SEPARATORS = {";": "semicolons (;)", "\t": "tabs", "|": "vertical bars (|)"}
 
 
 @dataclass(frozen=True)
 class Cohort:
-    """A validated manifest. ``frame`` has one row per image (or volume) with absolute ``path``,
-    ``patient_id``, ``sex``, ``age``, ``age_group``, ``split``, one binary column per label, and
-    ``line`` (the CSV line the row came from, for messages)."""
+    """A validated manifest. ``frame`` has one row per image (or volume) with absolute ``path`` (``..`` and
+    symbolic links resolved), ``manifest_path`` (as the CSV wrote it), ``patient_id``, ``sex``, ``age``,
+    ``age_group``, ``split``, one binary column per label, and ``line`` (the CSV line the row came from)."""
 
     frame: pd.DataFrame
     modality: Modality
@@ -56,34 +68,35 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
                   split_seed: int = 0) -> Cohort:
     """Reads and validates a manifest; splits patient-wise when it has no ``split`` column."""
     path = Path(path)
-    _require_file(path)
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from exc
-    raw.columns = [c.strip() for c in raw.columns]
+    header, rows = _read_csv(path)
     label_names = L.FINDINGS if modality == "radiograph" else ("label",)
     required = [PATH_COLUMN[modality], "patient_id", "sex", "age", *label_names]
-    missing = [c for c in required if c not in raw.columns]
+    missing = [c for c in required if c not in header]
     if missing:
-        other = next((m for m, column in PATH_COLUMN.items() if m != modality and column in raw.columns), None)
+        other = next((m for m, column in PATH_COLUMN.items() if m != modality and column in header), None)
         hint = (f" (its {PATH_COLUMN[other]} column makes it a {other} manifest: set data.modality: {other})"
                 if other else "")
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {modality} manifest needs "
                         f"{', '.join(required)} and optionally split{hint}")
-    if raw.empty:
+    if not rows:
         raise DataError(f"{path}: the manifest has no rows")
+    width_problems = [f"line {line}: {len(values)} field(s) where the header has {len(header)} (a missing or "
+                      "extra comma, or a value with a comma that is not in quotes?)"
+                      for line, values in rows if len(values) != len(header)]
+    _raise_problems(path, width_problems, "fix these rows")
+    raw = pd.DataFrame([values for _, values in rows], columns=header, dtype=str)
+    lines = [line for line, _ in rows]
 
     problems: list[str] = []
     records = []
-    for i, row in enumerate(raw.to_dict("records")):
-        line = i + 2  # the header is line 1
+    for line, row in zip(lines, raw.to_dict("records")):
         record = {"line": line}
         try:
             rel = row[PATH_COLUMN[modality]].strip()
             if not rel:
                 raise ValueError(f"empty {PATH_COLUMN[modality]}")
-            record["path"] = str((path.parent / rel).resolve()) if not Path(rel).is_absolute() else rel
+            record["path"] = _normalised(path.parent, rel)
+            record["manifest_path"] = rel
             record["patient_id"] = row["patient_id"].strip()
             if not record["patient_id"]:
                 raise ValueError("empty patient_id")
@@ -107,9 +120,11 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
     frame = pd.DataFrame.from_records(records)
     duplicated = frame[frame.duplicated("path", keep=False)]
     if not duplicated.empty:
-        first = duplicated.iloc[0]
-        raise DataError(f"{path}: line(s) {', '.join(map(str, duplicated[duplicated['path'] == first['path']]['line']))} "
-                        f"name the same file {first['path']}; each file may appear once")
+        same = duplicated[duplicated["path"] == duplicated.iloc[0]["path"]]
+        written = sorted(set(same["manifest_path"]))
+        how = f" (written as {', '.join(map(repr, written))})" if len(written) > 1 else ""
+        raise DataError(f"{path}: line(s) {', '.join(map(str, same['line']))} name the same file "
+                        f"{same.iloc[0]['path']}{how}; each file may appear once: remove the repeated rows")
     _check_patients_consistent(path, frame)
     if "split" in frame.columns:
         _check_patient_in_one_split(path, frame)
@@ -129,13 +144,93 @@ def _require_file(path: Path) -> None:
         raise DataError(f"{path}: manifest not found; give the path of the CSV file")
 
 
+def _normalised(folder: Path, written: str) -> str:
+    """The absolute path a manifest entry names, ``..`` and symbolic links resolved (so one file is one path)."""
+    target = Path(written) if Path(written).is_absolute() else folder / written
+    try:
+        return str(target.resolve())
+    except (OSError, RuntimeError):  # a symbolic-link loop: the file check names it later
+        return os.path.normpath(os.path.abspath(target))
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (reserved names in lower case) and the non-blank rows with the line each starts on."""
+    _require_file(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: not a readable CSV manifest: it is UTF-16 text (Excel's 'Unicode Text'); save it "
+                        "as UTF-8 CSV (Excel: 'CSV UTF-8 (Comma delimited)')")
+    if b"\0" in data:
+        line = data[:data.index(b"\0")].count(b"\n") + 1
+        raise DataError(f"{path}: not a readable CSV manifest: it holds binary data (NUL bytes at line {line}); is it "
+                        "an image or a spreadsheet? Export the manifest as CSV")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data[:exc.start].count(b"\n") + 1
+        try:
+            data.decode("cp1252")
+            guess = " It looks like Latin-1/Windows-1252 text (e.g. Excel's plain 'CSV' export)."
+        except UnicodeDecodeError:
+            guess = ""
+        raise DataError(f"{path} line {line}: not a readable CSV manifest: byte 0x{data[exc.start]:02X} at column "
+                        f"{exc.start - line_start + 1} is not UTF-8.{guess} Save the manifest as UTF-8 (Excel: "
+                        "'CSV UTF-8 (Comma delimited)')") from None
+    reader = csv.reader(io.StringIO(text, newline=""), skipinitialspace=True)
+    records, line = [], 1
+    try:
+        for values in reader:
+            if any(value.strip() for value in values):  # blank lines and rows of empty cells carry no data
+                records.append((line, values))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: not a readable CSV manifest ({exc})") from None
+    if not records:
+        raise DataError(f"{path}: not a readable CSV manifest: the file has no header line (it is empty)")
+    (header_line, fields), rows = records[0], records[1:]
+    header = [_column_name(field) or f"unnamed column {index}" for index, field in enumerate(fields, start=1)]
+    _check_separator(path, header_line, header)
+    _check_duplicate_columns(path, header_line, header)
+    return header, rows
+
+
+def _column_name(field: str) -> str:
+    name = field.strip()
+    return name.lower() if name.lower() in RESERVED_COLUMNS else name
+
+
+def _check_separator(path: Path, line: int, header: list[str]) -> None:
+    if len(header) > 1 and RESERVED_COLUMNS & set(header):
+        return
+    joined = ",".join(header)
+    for separator, name in _OTHER_SEPARATORS.items():
+        columns = [_column_name(part) for part in joined.split(separator)]
+        if len(columns) > 1 and RESERVED_COLUMNS & set(columns):
+            raise DataError(f"{path} line {line}: the header is separated by {name} ({joined[:60]!r}…), but a "
+                            "manifest is comma-separated; save it as comma-separated CSV (Excel: 'CSV UTF-8 (Comma "
+                            "delimited)'), or replace the separators")
+
+
+def _check_duplicate_columns(path: Path, line: int, header: list[str]) -> None:
+    positions: dict[str, list[int]] = {}
+    for index, name in enumerate(header, start=1):
+        if not name.startswith("unnamed column "):  # empty names (trailing commas) carry nothing
+            positions.setdefault(name.lower() if name in RESERVED_COLUMNS else name, []).append(index)
+    repeated = {name: where for name, where in positions.items() if len(where) > 1}
+    if repeated:
+        listed = "; ".join(f"{name!r} in columns {', '.join(map(str, where))}" for name, where in repeated.items())
+        raise DataError(f"{path} line {line}: the header names a column more than once ({listed}); which one holds "
+                        "the data is ambiguous, so keep one of each (reserved names such as split or age count "
+                        "regardless of capitals)")
+
+
 def detect_modality(path: str | Path) -> Modality:
     """'radiograph' or 'volume', from the manifest's path column."""
-    _require_file(Path(path))
-    try:
-        columns = [c.strip() for c in pd.read_csv(path, nrows=0).columns]
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV manifest ({exc})") from exc
+    columns, _ = _read_csv(Path(path))
     for modality, column in PATH_COLUMN.items():
         if column in columns:
             return modality

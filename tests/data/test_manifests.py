@@ -77,12 +77,64 @@ def test_valid_manifest_loads_with_paths_relative_to_the_csv(tmp_path):
      "patient 'P1' is in more than one split (line 2 → train, line 3 → test)"),
     ([HEADER + ",split", row("a.png", "P1", split="holdout")], "line 2: unknown split 'holdout'"),
     ([HEADER], "the manifest has no rows"),
+    # header problems, each named with its line
+    ([HEADER + ",Age", row("a.png", "P1") + ",51"], "line 1: the header names a column more than once ('age' in "
+                                                     "columns 4, 13)"),
+    ([HEADER + ",split,Split", row("a.png", "P1", split="train") + ",test"], "'split' in columns 13, 14"),
+    ([HEADER.replace(",", ";"), row("a.png", "P1").replace(",", ";")],
+     "line 1: the header is separated by semicolons (;)"),
+    ([HEADER.replace(",", "\t"), row("a.png", "P1").replace(",", "\t")], "line 1: the header is separated by tabs"),
+    ([HEADER, row("images/a.png", "P1"), row("images/../images/a.png", "P2")],
+     "line(s) 2, 3 name the same file"),
+    ([HEADER, row("a.png", "P1"), row("./sub/../a.png", "P2")], "(written as './sub/../a.png', 'a.png')"),
+    ([HEADER, row("a.png", "P1")[:-2]], "line 2: 11 field(s) where the header has 12"),
+    ([HEADER, row("a.png", "P1"), "", ",,,", row("b.png", "P2", sex="X")], "line 5: unknown sex 'X'"),
 ])
 def test_every_bad_manifest_is_refused_naming_file_and_line(tmp_path, lines, fragment):
     path = write_csv(tmp_path, lines)
     with pytest.raises(DataError) as info:
         load_manifest(path, "radiograph")
     assert str(info.value).startswith(str(path)) and fragment in str(info.value), str(info.value)
+
+
+def test_capitalised_reserved_columns_are_read_as_the_reserved_columns(tmp_path):
+    # "Split" once was ignored and the split redone; it is the split column, as Patient_ID and AGE are theirs.
+    header = HEADER.replace("patient_id", "Patient_ID").replace("age", "AGE").replace("cardiomegaly", " Cardiomegaly")
+    path = write_csv(tmp_path, [header + ",Split", row("a.png", "P1", grades=("borderline",) + ("0",) * 7, split="test"),
+                                row("b.png", "P2", age=70, split="train")])
+    cohort = load_manifest(path, "radiograph")
+    assert cohort.frame["split"].tolist() == ["test", "train"] and not cohort.split_stratified_on_labels
+    assert cohort.frame["patient_id"].tolist() == ["P1", "P2"] and cohort.frame["age"].tolist() == [50, 70]
+    assert cohort.frame["cardiomegaly"].tolist() == [1, 0]
+
+
+def test_same_file_through_a_symbolic_link_is_a_duplicate(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(b"x")
+    (tmp_path / "alias").symlink_to(tmp_path / "images")
+    path = write_csv(tmp_path, [HEADER, row("images/a.png", "P1"), row(str(tmp_path / "alias" / "a.png"), "P2")])
+    with pytest.raises(DataError, match=r"line\(s\) 2, 3 name the same file .*images/a.png"):
+        load_manifest(path, "radiograph")
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ((HEADER + "\n" + row("a.png", "P1") + "\n" + row("b.png", "Müller") + "\n").encode("latin-1"),
+     ["line 3: not a readable CSV manifest: byte 0xFC at column 8 is not UTF-8", "Latin-1", "Save the manifest as UTF-8"]),
+    ((HEADER + "\n" + row("a.png", "P1") + "\n").encode("utf-16"), ["UTF-16", "save it as UTF-8"]),
+    (("\ufeff" + HEADER + "\n" + row("a.png", "P1") + "\n").encode("utf-8"), None),  # Excel's UTF-8 BOM is fine
+])
+def test_encoding_problems_name_the_line_and_the_fix(tmp_path, content, fragments):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(content)
+    if fragments is None:
+        assert load_manifest(path, "radiograph").frame["patient_id"].tolist() == ["P1"]
+        return
+    for load in (lambda: load_manifest(path, "radiograph"), lambda: detect_modality(path)):
+        with pytest.raises(DataError) as info:
+            load()
+        assert str(info.value).startswith(str(path)), str(info.value)
+        for fragment in fragments:
+            assert fragment in str(info.value), str(info.value)
 
 
 def test_all_bad_rows_are_listed_together(tmp_path):
