@@ -3,14 +3,18 @@ epoch and every later run with the same files and preprocessing.
 
 Poisson sampling needs random access by example index, which ``tf.data``'s sequential ``cache()``
 does not give; an ``.npy`` array opened with ``mmap_mode="r"`` does, at any dataset size. The cache
-directory is keyed by the preprocessing spec and each file's path, size and modification time, and
-is written to a temporary directory that is renamed into place only when complete, so a killed
-preparation leaves nothing that looks finished.
+directory is keyed by the preprocessing spec and, per manifest row, the path as the manifest wrote it
+(relative to the CSV) and the SHA-256 of the file's content — never an absolute path or a modification
+time — so a run directory moved or copied together with its cohort finds its cache and resumes. The
+digests are remembered by path, size and modification time (``file_digests.json``), so only new or
+changed files are read twice. The cache is written to a temporary directory that is renamed into place
+only when complete, so a killed preparation leaves nothing that looks finished.
 
 Radiographs are decoded and preprocessed by a parallel ``tf.data`` map (tf.io / tensorflow-io /
 pydicom as inspection chose); CT volumes by a thread pool over nibabel/pydicom/numpy. A file that
 fails stops preparation with its manifest line and the reason, or with ``skip_bad`` is written to
-``quarantine.csv`` and counted, never dropped silently.
+``quarantine.csv`` and counted, never dropped silently: ``quarantine_note`` is what prepare, ``run``,
+the summary page and the certificate say about it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,9 +37,11 @@ import pandas as pd
 from dpmedtf.data import radiograph, volume
 from dpmedtf.data.manifests import Cohort
 from dpmedtf.errors import ConfigError, DataError, OutputError, RecordError
-from dpmedtf.files import removed_on_failure
+from dpmedtf.files import read_json_object, removed_on_failure, write_json_atomic
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""2: keyed by manifest paths and content digests; quarantine.csv names array rows."""
+DIGEST_MEMO = "file_digests.json"
 Progress = Callable[[int, int], None]
 
 
@@ -47,6 +54,8 @@ class PreprocessSpec:
     volume_shape: tuple[int, int, int] = volume.DEFAULT_VOLUME_SHAPE
     hu_window: tuple[float, float] = volume.DEFAULT_HU_WINDOW
     dicom_decoder: str = "tensorflow-io"
+    accept_modalities: tuple[str, ...] = volume.DEFAULT_ACCEPTED_MODALITIES
+    """DICOM Modality codes a CT series may have (data.accept_modalities)."""
 
     def __post_init__(self):
         if self.modality not in ("radiograph", "volume"):
@@ -59,6 +68,11 @@ class PreprocessSpec:
                               f"got {self.image_size}")
         if self.modality == "volume":
             volume.check_parameters(self.volume_shape, self.hu_window)
+        codes = tuple(str(code).strip().upper() for code in self.accept_modalities)
+        if not codes or not all(codes):
+            raise ConfigError(f"data.accept_modalities must list DICOM Modality codes such as CT, got "
+                              f"{list(self.accept_modalities)}")
+        object.__setattr__(self, "accept_modalities", codes)
 
     def as_dict(self) -> dict:
         if self.modality == "radiograph":
@@ -66,6 +80,7 @@ class PreprocessSpec:
                 "decode (air dark)", f"resize {self.image_size}x{self.image_size} bilinear antialiased",
                 "min-max to uint8", "histogram equalisation", "3 channels", "scale to [0, 1]"]}
         return {"modality": "volume", "volume_shape_hwd": list(self.volume_shape), "hu_window": list(self.hu_window),
+                "accept_modalities": list(self.accept_modalities),
                 "steps": ["HU (modality LUT)", "canonical orientation (D, H, W)", f"clip {self.hu_window} HU",
                           "scale to [0, 1]", f"trilinear resize to {self.volume_shape} (H, W, D)"]}
 
@@ -101,8 +116,10 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
     if spec.modality != cohort.modality:
         raise ValueError(f"spec is for {spec.modality} but the cohort is {cohort.modality}")
     cache_root = Path(cache_root)
-    directory = cache_root / f"{spec.modality}-{_cache_key(cohort, spec, skip_bad)}"
+    memo = _DigestMemo(cache_root)
+    directory = cache_root / f"{spec.modality}-{_cache_key(cohort, spec, skip_bad, memo)}"
     if (directory / "meta.json").is_file():
+        memo.save()
         return _load(directory, cohort, spec)
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
@@ -118,10 +135,11 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
         failed = writer(cohort, spec, array, skip_bad, progress or (lambda done, total: None))
         array.flush()
         del array
+        rows = {index: row for row, index in enumerate(cohort.frame.index)}
         quarantine = pd.DataFrame(
-            [{"line": cohort.frame.loc[i, "line"], "path": cohort.frame.loc[i, "path"],
+            [{"row": rows[i], "line": cohort.frame.loc[i, "line"], "path": cohort.frame.loc[i, "path"],
               "split": cohort.frame.loc[i, "split"], "reason": reason} for i, reason in sorted(failed.items())],
-            columns=["line", "path", "split", "reason"])
+            columns=QUARANTINE_COLUMNS)
         quarantine.to_csv(staging / "quarantine.csv", index=False)
         (staging / "meta.json").write_text(json.dumps({
             "format": CACHE_FORMAT, "spec": spec.as_dict(), "manifest": str(cohort.source),
@@ -134,42 +152,117 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
             if not (directory / "meta.json").is_file():
                 raise
             shutil.rmtree(staging, ignore_errors=True)
+    memo.save()
     return _load(directory, cohort, spec)
+
+
+QUARANTINE_COLUMNS = ["row", "line", "path", "split", "reason"]
+"""``row`` is the array row (= position in the cohort), which names the file wherever the run directory moved."""
 
 
 def _load(directory: Path, cohort: Cohort, spec: PreprocessSpec) -> PreparedData:
     try:
-        quarantine = pd.read_csv(directory / "quarantine.csv", dtype={"split": str})
+        quarantine = pd.read_csv(directory / "quarantine.csv", dtype={"split": str, "path": str, "reason": str})
         array = np.load(directory / "data.npy", mmap_mode="r")
-        if array.shape != (len(cohort.frame), *spec.item_shape) or "path" not in quarantine.columns:
-            raise ValueError(f"holds {array.shape}, expected {(len(cohort.frame), *spec.item_shape)}")
+        if array.shape != (len(cohort.frame), *spec.item_shape) or list(quarantine.columns) != QUARANTINE_COLUMNS:
+            raise ValueError(f"holds {array.shape} and quarantine columns {list(quarantine.columns)}, expected "
+                             f"{(len(cohort.frame), *spec.item_shape)} and {QUARANTINE_COLUMNS}")
+        rows = quarantine["row"].astype(int).to_numpy()
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(cohort.frame)):
+            raise ValueError(f"quarantine.csv names row {rows.max()} of {len(cohort.frame)}")
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise RecordError(f"{directory}: the prepared-data cache is damaged ({type(exc).__name__}: {exc}); delete "
                           "this directory and run again to rebuild it") from None
-    keep = ~cohort.frame["path"].isin(set(quarantine["path"]))
+    # The paths as they are now (a moved run directory's cache recorded the old ones).
+    quarantine["path"] = cohort.frame["path"].to_numpy()[rows] if len(rows) else quarantine["path"]
+    keep = np.ones(len(cohort.frame), bool)
+    keep[rows] = False
     kept = dataclasses.replace(cohort, frame=cohort.frame[keep])
     # Quarantined rows stay in the array (zeros) so row numbers never shift; the cohort's index maps.
     return PreparedData(kept, array, quarantine, directory, spec)
 
 
-def _cache_key(cohort: Cohort, spec: PreprocessSpec, skip_bad: bool) -> str:
+def quarantine_note(prepared: PreparedData) -> str | None:
+    """What every report says when ``skip_bad`` left rows out (None when none were): count and file."""
+    count = len(prepared.quarantine)
+    if not count:
+        return None
+    total = len(prepared.cohort.frame) + count
+    by_split = prepared.quarantine["split"].value_counts()
+    splits = ", ".join(f"{n} {name}" for name, n in sorted(by_split.items()))
+    return (f"quarantined {count} of {total} manifest row(s) as unreadable ({splits}); they were left out of every "
+            f"split. Reasons, by manifest line: {prepared.directory / 'quarantine.csv'}")
+
+
+def _cache_key(cohort: Cohort, spec: PreprocessSpec, skip_bad: bool, memo: "_DigestMemo") -> str:
+    """Spec and, per row in order, the manifest's own path and the content digest: where the files and the
+    cache live does not enter, so a moved or copied run directory finds its cache."""
     digest = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "spec": spec.as_dict(), "skip_bad": skip_bad},
                                        sort_keys=True).encode())
-    for path in cohort.frame["path"]:
-        stat = _stat(path)
-        digest.update(f"{path}\0{stat}\n".encode())
+    frame = cohort.frame
+    written = frame["manifest_path"] if "manifest_path" in frame.columns else frame["path"]
+    contents = memo.digests(frame["path"].tolist())
+    for name, content in zip(written, contents):
+        digest.update(f"{name}\0{content}\n".encode())
     return digest.hexdigest()[:20]
 
 
-def _stat(path: str) -> str:
-    try:
-        if os.path.isdir(path):  # a DICOM series: every file in it counts
-            return ";".join(f"{e.name}:{e.stat().st_size}:{e.stat().st_mtime_ns}"
-                            for e in sorted(os.scandir(path), key=lambda e: e.name))
-        st = os.stat(path)
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        return "missing"
+class _DigestMemo:
+    """SHA-256 of each input's content, remembered by absolute path, size, modification time and inode in
+    ``<cache root>/file_digests.json`` so an unchanged cohort is not read again on every run. The memo only
+    saves reading: the key is the content, whatever the memo holds for another path."""
+
+    def __init__(self, root: Path):
+        self.path = root / DIGEST_MEMO
+        self.entries: dict[str, list] = {}
+        self.changed = False
+        if self.path.is_file():
+            try:
+                loaded = read_json_object(self.path, "the cache's file digests")
+                self.entries = {k: v for k, v in loaded.get("files", {}).items() if isinstance(v, list) and len(v) == 4}
+            except RecordError:
+                self.entries = {}  # only a speed-up: rebuilt below
+
+    def digests(self, paths: list[str]) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            return list(pool.map(self._content, paths))
+
+    def _content(self, path: str) -> str:
+        try:
+            info = os.stat(path)
+        except OSError as exc:  # missing, unreadable, a symbolic-link loop: prepare names it; the key just differs
+            return f"unreadable:{type(exc).__name__}"
+        if stat.S_ISDIR(info.st_mode):  # a DICOM series: every file volume.py reads, by name
+            try:
+                entries = sorted((e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name)
+            except OSError as exc:
+                return f"unreadable:{type(exc).__name__}"
+            return "series:" + ";".join(f"{e.name}={self._content(e.path)}" for e in entries if e.is_file())
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device: never read it (a FIFO would block)
+            return f"special:{stat.S_IFMT(info.st_mode)}"
+        signature = [info.st_size, info.st_mtime_ns, info.st_ino]
+        remembered = self.entries.get(path)
+        if remembered is not None and remembered[:3] == signature:
+            return remembered[3]
+        try:
+            with open(path, "rb") as stream:
+                content = hashlib.file_digest(stream, "sha256").hexdigest()
+        except OSError as exc:
+            return f"unreadable:{type(exc).__name__}"
+        self.entries[path] = [*signature, content]
+        self.changed = True
+        return content
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            write_json_atomic(self.path, {"format": CACHE_FORMAT, "files": self.entries})
+        except OutputError:
+            pass  # a read-only cache still works; it is only read again next time
+        self.changed = False
 
 
 def _fail(cohort: Cohort, index: int, reason: str, failed: dict, skip_bad: bool) -> None:
@@ -235,7 +328,8 @@ def _prepare_volumes(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray, sk
 
     def work(position: int):
         try:
-            return position, volume.preprocess_file(paths[position], spec.volume_shape, spec.hu_window), None
+            return position, volume.preprocess_file(paths[position], spec.volume_shape, spec.hu_window,
+                                                     spec.accept_modalities), None
         except DataError as exc:
             return position, None, str(exc)
 

@@ -181,9 +181,15 @@ def test_prepare_reuses_a_complete_cache_and_redoes_it_when_a_file_changes(synth
     assert again.directory == first.directory and calls == []  # nothing decoded again
     for index in (0, len(cohort.frame) - 1):
         np.testing.assert_array_equal(first.array[index], R.preprocess_file(cohort.frame.loc[index, "path"], 32))
-    path = cohort.frame.loc[0, "path"]
-    os.utime(path, ns=(0, 0))
-    assert prepare(cohort, spec, tmp_path).directory != first.directory
+    path = Path(cohort.frame.loc[0, "path"])
+    os.utime(path, ns=(0, 0))  # new times, same bytes (a copied cohort): the cache is keyed by content
+    assert prepare(cohort, spec, tmp_path).directory == first.directory
+    original = path.read_bytes()
+    try:
+        path.write_bytes(Path(cohort.frame.loc[1, "path"]).read_bytes())  # other content: prepared again
+        assert prepare(cohort, spec, tmp_path).directory != first.directory
+    finally:
+        path.write_bytes(original)  # the cohort is shared by the session's tests
 
 
 def test_augmentation_is_seeded_flips_half_and_rotates_within_ten_degrees():
