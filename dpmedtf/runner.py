@@ -4,7 +4,8 @@ Each finished stage leaves ``<out>/stages/<stage>.json`` with the resolved confi
 its inputs. Re-running skips a stage whose record matches; re-runs one whose inputs changed because an
 earlier stage ran again; refuses, naming the changed keys, when the config itself changed (``--force
 STAGE`` redoes it, and the record says so). Training that was interrupted resumes from its last
-checkpoint with its ledger intact. A finished release is never overwritten.
+checkpoint with its ledger intact. A finished release is never overwritten. One process writes a run
+directory at a time (``dpmedtf.run_lock``): a second ``run`` on the same ``--out`` is refused.
 
 Everything a run could fail on in its configuration — unknown keys, a missing manifest, a bad manifest
 row, a missing signing key or policy — is checked before the first stage starts.
@@ -188,12 +189,25 @@ class Pipeline:
     # --- stages -------------------------------------------------------------------------------------
 
     def run(self) -> list[StageOutcome]:
+        from dpmedtf.run_lock import RunLock
+
         check_before_running(self.job)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot create the run directory ({exc.strerror or exc}); choose "
                               "another --out") from None
+        with RunLock(self.out, "dpmedtf run", log=self.log):
+            return self._run_stages()
+
+    @property
+    def quarantine_note(self) -> str | None:
+        """What ``skip_bad`` left out of this run (count and quarantine file), once the data were prepared."""
+        from dpmedtf.data.cache import quarantine_note
+
+        return quarantine_note(self._prepared) if self._prepared is not None else None
+
+    def _run_stages(self) -> list[StageOutcome]:
         stages = self.job.pipeline.stages
         outcomes, redone = [], False
         for number, stage in enumerate(stages, 1):
@@ -211,7 +225,8 @@ class Pipeline:
             self._write_record(stage, inputs, outputs, seconds, decision)
             self.log(f"[{number}/{len(stages)}] {stage}: done in {seconds:.0f} s")
             outcomes.append(StageOutcome(stage, "forced" if decision == "force" else "ran", seconds, outputs))
-        write_summary_page(self.out, self.job, outcomes, self._prepare_data().cohort.synthetic)
+        prepared = self._prepare_data()
+        write_summary_page(self.out, self.job, outcomes, prepared.cohort.synthetic, quarantine=self.quarantine_note)
         return outcomes
 
     def _prepare_data(self):
@@ -233,6 +248,8 @@ class Pipeline:
 
     def _prepare(self, force: bool) -> dict:
         prepared = self._prepare_data()
+        if self.quarantine_note:
+            self.log(f"  WARNING: {self.quarantine_note}")
         return {"cache": str(prepared.directory), "images": len(prepared.cohort.frame),
                 "quarantined": len(prepared.quarantine), "synthetic_data": prepared.cohort.synthetic}
 
@@ -322,8 +339,10 @@ def _model_row(name: str, trained: dict, evaluated: dict) -> str:
             f"<td>{'not evaluated' if auroc is None else f'{auroc:.3f}'}</td></tr>")
 
 
-def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], synthetic: bool) -> Path:
-    """``<out>/index.html``: what ran, and links to the report, plots, certificate and bundle."""
+def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], synthetic: bool,
+                       quarantine: str | None = None) -> Path:
+    """``<out>/index.html``: what ran, and links to the report, plots, certificate and bundle; ``quarantine``
+    is what ``skip_bad`` left out (``data.cache.quarantine_note``), shown as a warning at the top."""
     links = []
     for label, relative in (("Evaluation report", "report.html"), ("Privacy–utility plot", "privacy_utility.png"),
                             ("AUROC per finding", "auroc_per_finding.png"), ("Subgroups by sex", "subgroups_sex.png"),
@@ -344,6 +363,9 @@ def write_summary_page(out: Path, job: JobConfig, outcomes: list[StageOutcome], 
                     if models else "")
     banner = ('<p class="synthetic">SYNTHETIC DATA: generated images, not patients; no clinical claim rests on '
               'these results.</p>') if synthetic else ""
+    if quarantine:
+        banner += (f'<p class="synthetic" id="quarantine"><strong>Data left out (data.skip_bad):</strong> '
+                   f'{html.escape(quarantine)}</p>')
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>dpmedtf run: {html.escape(job.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .7rem;text-align:left}}

@@ -106,11 +106,27 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
                   "added": notes.get("noise_added")},
         "clipping": {"engine": notes.get("clipping_engine")},
         "synthetic_data": bool(notes.get("synthetic_data")),
+        "data": _data_section(notes, ledger.dataset_size),
         "software": software_versions(),
         "issued_at": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     certificate["statement"] = plain_statement(certificate)
     return certificate
+
+
+def _data_section(notes: Mapping[str, Any], dataset_size: int) -> dict[str, Any]:
+    """What the training data were, beyond N: the manifest rows data.skip_bad quarantined as unreadable
+    (null when the ledger predates recording them)."""
+    quarantined, in_training = notes.get("quarantined_rows"), notes.get("quarantined_training_rows")
+    if quarantined is None:
+        statement = "Whether data.skip_bad left manifest rows out was not recorded in the training ledger."
+    elif quarantined == 0:
+        statement = "Every manifest row was read; none was quarantined."
+    else:
+        statement = (f"{quarantined} manifest row(s) were quarantined as unreadable (data.skip_bad) and left out, "
+                     f"{in_training} of them from the training split; N = {dataset_size:,} counts only the records "
+                     "trained on.")
+    return {"quarantined_rows": quarantined, "quarantined_training_rows": in_training, "statement": statement}
 
 
 def _mechanisms(ledger: Ledger) -> list[dict[str, Any]]:

@@ -52,7 +52,10 @@ def initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData
         "allow_large_delta": config.privacy.allow_large_delta,
         "pretrained_weights": str(config.model.pretrained_weights) if config.model.pretrained_weights else None,
         "pretrained_on": config.model.pretrained_on,
-        "synthetic_data": prepared.cohort.synthetic})
+        "synthetic_data": prepared.cohort.synthetic,
+        # Rows data.skip_bad left out as unreadable: the certificate's data section states them.
+        "quarantined_rows": int(len(prepared.quarantine)),
+        "quarantined_training_rows": int((prepared.quarantine["split"] == "train").sum())})
     if count_release is not None:
         ledger = ledger.with_release(count_release.ledger_release())
     if prepared.cohort.split_stratified_on_labels:
