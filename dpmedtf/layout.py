@@ -32,6 +32,11 @@ class ModelDir(_Directory):
         return self.root / "model.keras"
 
     @property
+    def staged_model(self) -> Path:
+        """Where the final model is written before it is renamed to ``model`` (Keras needs the suffix)."""
+        return self.root / ".partial-model.keras"
+
+    @property
     def ledger(self) -> Path:
         """The privacy ledger of a DP run (absent for a non-private one)."""
         return self.root / "ledger.json"
@@ -57,7 +62,7 @@ class ModelDir(_Directory):
     @property
     def training_outputs(self) -> tuple[Path, ...]:
         """What a finished or interrupted training leaves; ``--force`` removes exactly these."""
-        return (self.model, self.ledger, self.training_record, self.checkpoints, self.tensorboard)
+        return (self.model, self.staged_model, self.ledger, self.training_record, self.checkpoints, self.tensorboard)
 
     @property
     def evaluation(self) -> "EvaluationDir":
@@ -168,6 +173,11 @@ class RunDir(_Directory):
     @property
     def stage_records(self) -> Path:
         return self.root / "stages"
+
+    @property
+    def writer_lock(self) -> Path:
+        """Names the one process writing this directory (``dpmedtf.run_lock``); absent when none is."""
+        return self.root / "writer.lock"
 
     @property
     def bundle(self) -> Path:
