@@ -291,7 +291,7 @@ def _(ws):
 def _(ws):
     run = ws.tmp / "run"
     return Expect(["evaluate", ws.job(ws.manifest(ws.cohort)), "--run", run],
-                  [str(run / "model.keras"), "train the job first"], untouched=[run])
+                  [f"no finished training at {run}", "train the job first"], untouched=[run])
 
 
 @case("release-without-a-trained-model")
@@ -479,6 +479,136 @@ def _(ws):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(path))
     return preprocess_case(ws, "volume", path, ["--hu-window", "LOW < HIGH", "[250.0, -150.0]"],
                            "--shape", 8, 8, 8, "--hu-window", 250, -150, out_name="out.npy")
+
+
+# --- CT series geometry and content, NIfTI geometry (issue 19) -----------------------------------------
+
+REAL_SERIES_WITH_GAP = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "77654033" / "CT2"
+"""pydicom-data's CT2: instances 18 and 180–182 of one series, 1.25 mm apart: 161 slices are missing."""
+
+
+def ct_series(folder: Path, heights, modality="CT") -> Path:
+    """Axial slices of a real CT header at ``heights`` mm, each filled with its own HU value."""
+    import pydicom
+
+    source = pydicom.dcmread(CT_SLICE)
+    folder.mkdir(parents=True)
+    for k, height in enumerate(heights):
+        ds = source.copy()
+        ds.Modality = modality
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, float(height)]
+        ds.PixelData = np.full(ds.pixel_array.shape, 1024 + 50 * k, np.int16).tobytes()
+        ds.save_as(folder / f"slice_{k}.dcm")
+    return folder
+
+
+def volume_row(path, patient="C1", **values) -> dict:
+    return {"volume_path": str(path), "patient_id": patient, "sex": "M", "age": 70, "label": 1, **values}
+
+
+@case("preprocess-series-with-missing-slices")
+def _(ws):
+    return preprocess_case(ws, "volume", REAL_SERIES_WITH_GAP,
+                           [str(REAL_SERIES_WITH_GAP), "has a gap", "between slices 17106", "and 17136",
+                            "161 slice(s) are missing"], out_name="out.npy")
+
+
+@case("preprocess-series-unevenly-spaced")
+def _(ws):
+    folder = ct_series(ws.tmp / "series", [0, 5, 10, 16, 21, 26])
+    return preprocess_case(ws, "volume", folder, [str(folder), "unevenly spaced", "slice_2.dcm", "slice_3.dcm",
+                                                  "step is 6 mm", "median step is 5 mm"], out_name="out.npy")
+
+
+@case("preprocess-mr-series")
+def _(ws):
+    (ws.tmp / "series").mkdir()
+    shutil.copy(MR_SLICE, ws.tmp / "series" / "mr.dcm")
+    return preprocess_case(ws, "volume", ws.tmp / "series", [str(ws.tmp / "series" / "mr.dcm"), "is Modality MR, not CT",
+                                                             "not Hounsfield units", "data.accept_modalities"],
+                           out_name="out.npy")
+
+
+@case("preprocess-blank-volume")
+def _(ws):
+    path = ws.tmp / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((8, 8, 8), -1000, np.float32), np.eye(4)), str(path))
+    return preprocess_case(ws, "volume", path, [str(path), "volume is blank", "-1000 HU"], out_name="out.npy")
+
+
+@case("preprocess-nifti-with-a-zero-size-dimension")
+def _(ws):
+    path = ws.tmp / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 0, 8), np.float32), np.eye(4)), str(path))
+    return preprocess_case(ws, "volume", path, [str(path), "volume has shape (8, 0, 8), so no voxels"],
+                           out_name="out.npy")
+
+
+@case("preprocess-nifti-with-a-singular-affine")
+def _(ws):
+    path = ws.tmp / "singular.nii.gz"
+    image = nib.Nifti1Image(np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32), None)
+    image.header.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
+    image.header.set_qform(None, code=0)
+    nib.save(image, str(path))
+    return preprocess_case(ws, "volume", path, [str(path), "affine is singular", "orientation"], out_name="out.npy")
+
+
+@case("prepare-series-with-missing-slices-row")
+def _(ws):
+    manifest = ws.manifest([volume_row(REAL_SERIES_WITH_GAP)])
+    cache = ws.tmp / "cache"
+    return Expect(["prepare", manifest, "--cache", cache, "--shape", 8, 8, 8],
+                  [f"{manifest} line 2", str(REAL_SERIES_WITH_GAP), "161 slice(s) are missing", "--skip-bad"],
+                  left_empty=[cache])
+
+
+@case("prepare-mr-series-row")
+def _(ws):
+    folder = ct_series(ws.tmp / "mr", [0, 5, 10], modality="MR")
+    manifest = ws.manifest([volume_row(folder)])
+    cache = ws.tmp / "cache"
+    return Expect(["prepare", manifest, "--cache", cache, "--shape", 8, 8, 8],
+                  [f"{manifest} line 2", str(folder / "slice_0.dcm"), "is Modality MR"], left_empty=[cache])
+
+
+# --- manifest headers, paths, encoding, separator (issue 19) -----------------------------------------------
+
+@case("cohort-duplicate-header")
+def _(ws):
+    path = ws.write("manifest.csv", ws.cohort.iloc[:3].assign(Age="50").to_csv(index=False))
+    return Expect(["cohort", path], [f"{path} line 1", "names a column more than once", "'age' in columns 4, "])
+
+
+@case("cohort-same-file-through-dotdot")
+def _(ws):
+    rows = [radiograph_row("images/a.png", patient="P1"), radiograph_row("images/../images/a.png", patient="P2")]
+    path = ws.manifest(rows)
+    return Expect(["cohort", path], [str(path), "line(s) 2, 3 name the same file", str(ws.tmp / "images" / "a.png"),
+                                     "'images/../images/a.png'"])
+
+
+@case("cohort-latin1-manifest")
+def _(ws):
+    rows = ws.cohort.iloc[:3].copy()
+    rows.loc[rows.index[1], "patient_id"] = "Müller"
+    path = ws.write("manifest.csv", rows.to_csv(index=False).encode("latin-1"))
+    return Expect(["cohort", path], [f"{path} line 3", "byte 0xFC", "not UTF-8", "Latin-1", "Save the manifest as UTF-8"])
+
+
+@case("cohort-semicolon-manifest")
+def _(ws):
+    path = ws.write("manifest.csv", ws.cohort.iloc[:3].to_csv(index=False, sep=";"))
+    return Expect(["cohort", path], [f"{path} line 1", "separated by semicolons (;)", "comma-separated"])
+
+
+@case("cohort-row-with-an-extra-field")
+def _(ws):
+    text = ws.cohort.iloc[:3].to_csv(index=False).splitlines()
+    text[2] += ",surplus"
+    path = ws.write("manifest.csv", "\n".join(text) + "\n")
+    return Expect(["cohort", path], [str(path), "line 3:", "field(s) where the header has"])
 
 
 # --- privacy calculator ------------------------------------------------------------------------------

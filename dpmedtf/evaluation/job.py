@@ -21,6 +21,7 @@ from dpmedtf.models import load_model
 from dpmedtf.privacy.group import patient_level
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.training.job import prepare_data, sweep_members
+from dpmedtf.training.trainer import training_finished
 
 
 def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[SweepMember], Path]:
@@ -28,9 +29,11 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
     run_dir = RunDir(run)
     for name, _ in sweep_members(job):  # before the (possibly long) data preparation
         member_dir = run_dir.member(name)
-        if not member_dir.model.exists():
-            raise DpmedtfError(f"no trained model at {member_dir.model}; train the job first "
-                               f"(`dpmedtf train`), or give the run directory it was trained into with --run")
+        if not training_finished(member_dir):
+            raise DpmedtfError(f"no finished training at {member_dir.root} (no {member_dir.model.name}, or its "
+                               f"{member_dir.training_record.name} does not say finished); train the job first "
+                               f"(`dpmedtf train`, which resumes an interrupted run), or give the run directory it "
+                               "was trained into with --run")
         if member_dir.metrics.exists() and not force:
             raise OutputExistsError(f"{member_dir.evaluation.root} already holds an evaluation; pass --force to "
                                     "replace it")

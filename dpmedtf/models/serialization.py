@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import tensorflow as tf
@@ -29,6 +30,6 @@ def load_model(path: str | Path) -> tf.keras.Model:
         raise ModelError(f"no model at {path}")
     try:
         return tf.keras.models.load_model(path, compile=False)
-    except (OSError, ValueError, TypeError, KeyError) as exc:  # h5py/zip/Keras errors for a damaged or foreign file
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:  # h5py/zip/Keras errors for a damaged or foreign file
         raise ModelError(f"{path}: cannot load the model ({type(exc).__name__}: {exc}); it is damaged or not a "
                          "Keras model saved by dpmedtf (train again, or point at the right file)") from None

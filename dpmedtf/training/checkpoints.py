@@ -67,8 +67,11 @@ def erase_secret(directory: Path, model, step: int, ledger: Ledger | None) -> No
     save_checkpoint(directory, model, step, ledger, keep=1)
 
 
-def run_secret_of(checkpoint: Path | None, experiment_seed: int | None) -> RunSecret:
-    """A fresh secret from OS entropy, the experiment's seed-derived one, or a resumed run's own."""
+def run_secret_of(checkpoint: Path | None, experiment_seed: int | None, allow_erased: bool = False) -> RunSecret:
+    """A fresh secret from OS entropy, the experiment's seed-derived one, or a resumed run's own.
+
+    ``allow_erased``: a run killed after its final checkpoint erased the secret but before its last
+    files were written may be finished from that checkpoint (no step left to run needs the secret)."""
     if checkpoint is None:
         return RunSecret.fresh() if experiment_seed is None else RunSecret.from_experiment_seed(experiment_seed)
     try:
@@ -77,13 +80,19 @@ def run_secret_of(checkpoint: Path | None, experiment_seed: int | None) -> RunSe
         raise DpmedtfError(f"{checkpoint} holds no run secret (made by an older dpmedtf?): its batches and noise "
                            "cannot be continued; start over with --force or a new output directory") from exc
     secret = RunSecret.from_words(words, experiment_seed)
+    if secret.is_erased and allow_erased:
+        return secret
     if secret.is_erased:
-        raise DpmedtfError(f"{checkpoint}: this training finished and its secret was erased; it cannot be continued. "
-                           "Train again with --force or into a new output directory")
+        raise DpmedtfError(erased_message(checkpoint))
     if experiment_seed is not None and secret != RunSecret.from_experiment_seed(experiment_seed):
         raise DpmedtfError(f"{checkpoint} was not made with privacy.noise_seed {experiment_seed}; use the same privacy "
                            "settings, a new output directory, or --force to start over")
     return secret
+
+
+def erased_message(checkpoint: Path) -> str:
+    return (f"{checkpoint}: this training finished and its secret was erased; it cannot be continued. "
+            "Train again with --force or into a new output directory")
 
 
 def checkpoint_ledger(checkpoint: Path, plan) -> Ledger | None:

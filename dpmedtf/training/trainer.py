@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import sys
@@ -59,11 +60,13 @@ class TrainingResult:
 def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike, force: bool = False) -> TrainingResult:
     """Trains (or resumes) one job into ``out_dir``; refuses to overwrite a finished model."""
     out = ModelDir(out_dir)
-    if out.model.exists() and not force:
+    if training_finished(out) and not force:
         raise DpmedtfError(f"{out.model} already exists: this training finished. Use another output directory "
                            "or --force to train again")
     strategy = strategy_for(config.training)
     chief = is_chief(strategy)
+    if chief and not force:
+        _discard_interrupted_end(out)
     if force and chief:  # start over: nothing of the previous run may be mistaken for this one's
         for stale in out.training_outputs:
             if stale.is_dir():
@@ -78,7 +81,8 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
     checkpoint = None if force else checkpoints.latest_checkpoint(out.checkpoints)
     # Other settings: say so before anything else of the checkpoint (its secret) is read.
     resumed_ledger = checkpoints.checkpoint_ledger(checkpoint, plan) if checkpoint is not None else None
-    secret = broadcast_from_chief(strategy, checkpoints.run_secret_of(checkpoint, config.privacy.noise_seed))
+    secret = broadcast_from_chief(strategy, checkpoints.run_secret_of(checkpoint, config.privacy.noise_seed,
+                                                                      allow_erased=True))
     positive_weight, negative_weight, count_release = class_weights(config, plan, labels, train_frame, secret)
     with strategy.scope():  # variables are mirrored on every replica
         network = build_network(config, prepared, labels.shape[1])
@@ -102,12 +106,36 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
                                           "the step to resume at": start_step})
     schedule = EpochSchedule(start_step=start_step, stop_step=stop_step_within_budget(config, plan, ledger, start_step),
                              steps_per_epoch=plan.steps_per_epoch)
+    if secret.is_erased and schedule.stop_step > schedule.start_step:  # only the final checkpoint is erased
+        raise DpmedtfError(checkpoints.erased_message(checkpoint))
     write_dir = out if chief else ModelDir(tempfile.mkdtemp(prefix="dpmedtf-worker-"))
     try:
         return _fit(config, plan, prepared, model, secret, ledger, schedule, out, write_dir, chief, strategy)
     finally:
         if not chief:
             shutil.rmtree(write_dir.root, ignore_errors=True)
+
+
+def training_finished(out: ModelDir) -> bool:
+    """A finished training is decided by its record, written last, never by the model file's existence."""
+    if not (out.model.is_file() and out.training_record.is_file()):
+        return False
+    try:
+        return json.loads(out.training_record.read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _discard_interrupted_end(out: ModelDir) -> None:
+    """A model file without a finished record was left by a kill during the run's last writes: it is not
+    trusted (it may be half written); the run resumes from its last checkpoint and writes it again."""
+    leftovers = [path for path in (out.model, out.staged_model) if path.exists()]
+    for path in leftovers:
+        path.unlink()
+    if out.model in leftovers:
+        print(f"note: {out.model} was left by an interrupted end of training ({out.training_record.name} does "
+              "not say finished); it was discarded and is written again from the last checkpoint",
+              file=sys.stderr, flush=True)
 
 
 def _fit(config, plan, prepared, model, secret, ledger, schedule, out: ModelDir, write_dir: ModelDir, chief, strategy):
@@ -140,10 +168,15 @@ def _fit(config, plan, prepared, model, secret, ledger, schedule, out: ModelDir,
         raise DpmedtfError(f"training ended at step {steps_done}, expected {schedule.stop_step}; the data pipeline "
                            "delivered fewer steps than planned")
     final_ledger = ledger_after(steps_done)
-    model.network.save(write_dir.model)  # every worker saves; only the chief's is kept
+    # The end is staged so that a kill at any point leaves a run that resumes: the model is written under
+    # another name, the secret is erased in a last checkpoint that still holds the weights, and only then
+    # does the model take its name; "finished" is training.json's status, written last.
+    write_dir.staged_model.unlink(missing_ok=True)
+    model.network.save(write_dir.staged_model)  # every worker saves; only the chief's is kept
     if chief and final_ledger is not None:
         final_ledger.save(out.ledger)
     checkpoints.erase_secret(write_dir.checkpoints, model, steps_done, final_ledger if chief else None)
+    os.replace(write_dir.staged_model, write_dir.model)
     if chief:
         write_json_atomic(out.training_record, {
             **record, "steps": steps_done, "stopped_at_budget": schedule.stop_step < plan.steps, "status": "finished",
