@@ -17,146 +17,22 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from dpmedtf.errors import ConfigError, DataError, OutputError
+from dpmedtf.errors import DataError, OutputError
 
-DEFAULT_IMAGE_SIZE = 512
-MIN_SOURCE_PIXELS = 32  # an image smaller than this on a side is not a radiograph
-DECODER_TF_IMAGE, DECODER_TFIO_DICOM, DECODER_PYDICOM = 0, 1, 2
-DECODER_NAMES = ("tf.io", "tensorflow-io", "pydicom")
-# Which library decodes DICOMs that both can read. tensorflow-io is the default; pydicom measured
-# 3.5–6× faster on native 16-bit CRs (benchmarks/data_pipeline.py) and agrees to rounding.
-DICOM_DECODERS = ("tensorflow-io", "pydicom")
-
-_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
-# Syntaxes tensorflow-io's DCMTK decoder reads (checked against pydicom-data's files in the tests).
-_TFIO_SYNTAXES = {
-    "1.2.840.10008.1.2",        # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",      # Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.70",   # JPEG Lossless, first-order prediction
-    "1.2.840.10008.1.2.4.90",   # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91",   # JPEG 2000
-}
-_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What inspection learned about one input file."""
-
-    path: str
-    decoder: int
-    rows: int
-    columns: int
-
-
-def inspect_radiograph(path: str | os.PathLike, dicom_decoder: str = "tensorflow-io") -> SourceInfo:
-    """Checks a file can be a radiograph and picks its decoder; DataError with the reason otherwise."""
-    if dicom_decoder not in DICOM_DECODERS:
-        raise ConfigError(f"dicom_decoder (data.dicom_decoder, --dicom-decoder) must be one of "
-                          f"{', '.join(DICOM_DECODERS)}, got {dicom_decoder!r}")
-    path = str(path)
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a directory; a radiograph is one PNG, JPEG or DICOM file")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions") from None
-    if size == 0:
-        raise DataError(f"{path}: file is empty (0 bytes)")
-    if head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC):
-        return SourceInfo(path, DECODER_TF_IMAGE, -1, -1)  # tf.io checks the rest while decoding
-    return _inspect_dicom(path, size, head[128:132] == b"DICM", dicom_decoder)
-
-
-def _inspect_dicom(path: str, size: int, has_preamble: bool, dicom_decoder: str) -> SourceInfo:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(path, defer_size=4096, force=not has_preamble)
-    except Exception as exc:  # InvalidDicomError, EOFError, struct and value errors, … for a damaged file
-        raise DataError(f"{path}: not a PNG, JPEG or readable DICOM image ({type(exc).__name__}: {exc})") from None
-    try:
-        return _dicom_source_info(path, size, ds, dicom_decoder)
-    except DataError:
-        raise
-    except Exception as exc:  # a damaged header makes pydicom raise many types while reading elements
-        raise DataError(f"{path}: DICOM header cannot be read ({type(exc).__name__}: {exc}); re-export or "
-                        "re-copy the file") from None
-
-
-def _dicom_source_info(path: str, size: int, ds, dicom_decoder: str) -> SourceInfo:
-    if "Rows" not in ds or "Columns" not in ds:
-        raise DataError(f"{path}: not a PNG, JPEG or DICOM image (no image header found)")
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    if "PixelData" not in ds:
-        raise DataError(f"{path}: DICOM has no pixel data (a report or structured document?); remove the row")
-    if rows < MIN_SOURCE_PIXELS or columns < MIN_SOURCE_PIXELS:
-        raise DataError(f"{path}: DICOM image is {rows}×{columns} pixels; too small to be a radiograph")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise DataError(f"{path}: DICOM has {frames} frames; a radiograph row must be a single image")
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    syntax = syntax or "1.2.840.10008.1.2"  # no meta header: DICOM's default, implicit VR little endian
-    element = ds.get_item("PixelData")
-    offset = getattr(element, "value_tell", None)
-    if syntax in _NATIVE_SYNTAXES:
-        expected = rows * columns * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("BitsAllocated", 16)) // 8
-        length = element.length if hasattr(element, "length") else len(element.value)
-        available = size - offset if offset is not None else length
-        if min(length, available) < expected:
-            raise DataError(f"{path}: DICOM is truncated: its pixel data has {min(length, available)} of the "
-                            f"{expected} bytes that {rows}×{columns} pixels need; re-export or re-copy the file")
-    elif offset is not None and offset >= size:
-        raise DataError(f"{path}: DICOM is truncated: the compressed pixel data is missing")
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if not (photometric in ("MONOCHROME1", "MONOCHROME2", "RGB") or photometric.startswith("YBR")):
-        raise DataError(f"{path}: DICOM photometric interpretation {photometric or 'missing'} is not a "
-                        "radiograph's (MONOCHROME1/2, or RGB/YBR for secondary captures)")
-    tfio_can = syntax in _TFIO_SYNTAXES and photometric in ("MONOCHROME1", "MONOCHROME2")
-    # pydicom (without extra plugins) cannot decode JPEG lossless; tensorflow-io keeps those.
-    pydicom_can = syntax != "1.2.840.10008.1.2.4.70"
-    use_tfio = tfio_can and (dicom_decoder == "tensorflow-io" or not pydicom_can)
-    decoder = DECODER_TFIO_DICOM if use_tfio else DECODER_PYDICOM
-    return SourceInfo(path, decoder, rows, columns)
+# Inspection and pydicom decoding are TF-free and shared with the consumer's preprocessing
+# (release/preprocessing.py); they live in radiograph_files and stay importable from here.
+from dpmedtf.data.radiograph_files import (  # noqa: F401
+    _JPEG_MAGIC, _NATIVE_SYNTAXES, _PNG_MAGIC, _TFIO_SYNTAXES, DECODER_NAMES, DECODER_PYDICOM, DECODER_TF_IMAGE,
+    DECODER_TFIO_DICOM, DEFAULT_IMAGE_SIZE, DICOM_DECODERS, MIN_SOURCE_PIXELS, SourceInfo, _dicom_source_info,
+    _inspect_dicom, decode_with_pydicom, inspect_radiograph)
 
 
 # --- decoding ----------------------------------------------------------------------------------------
-
-def decode_with_pydicom(path: str) -> np.ndarray:
-    """float32 (H, W) with the modality LUT applied and MONOCHROME1 inverted (air dark)."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut
-
-    ds = pydicom.dcmread(path)
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # pydicom raises many types for undecodable pixel data
-        raise DataError(f"{path}: DICOM pixel data cannot be decoded ({exc})") from None
-    photometric = str(ds.PhotometricInterpretation).upper()
-    if int(ds.get("SamplesPerPixel", 1)) == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        pixels = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    else:
-        pixels = apply_modality_lut(pixels, ds).astype(np.float32)
-        if photometric == "MONOCHROME1":
-            pixels = pixels.max() + pixels.min() - pixels
-    if pixels.ndim != 2 or pixels.size == 0:
-        raise DataError(f"{path}: decoded pixel data has shape {pixels.shape}; expected one 2D image")
-    return pixels
-
 
 def _decode_tf_image(path: tf.Tensor) -> tf.Tensor:
     image = tf.io.decode_image(tf.io.read_file(path), channels=0, dtype=tf.uint16, expand_animations=False)
