@@ -28,7 +28,7 @@ from dpmedtf.errors import DpmedtfError, OutputError, OutputExistsError
 from dpmedtf.files import json_safe, read_json_object, removed_on_failure, sha256_file
 from dpmedtf.layout import ModelDir
 from dpmedtf.privacy.ledger import Ledger
-from dpmedtf.release import export, onnx_model
+from dpmedtf.release import export, onnx_model, preprocess_graph
 from dpmedtf.release.certificate import build_certificate, certificate_bytes, software_versions
 from dpmedtf.release.card_rendering import auroc_interval_text, model_card_html, model_card_markdown, number_text
 from dpmedtf.release.model_card import SCHEMA_FILE as MODEL_CARD_SCHEMA, CardDetails, CardInputs, build_model_card
@@ -36,7 +36,9 @@ from dpmedtf.release.policy import DEFAULT_POLICY, ReleasePolicy, Violation, che
 from dpmedtf.resources import release_file, schema_problems
 from dpmedtf.release.layout import (AUDIT_FILE, BUNDLE_FORMAT, CERTIFICATE_FILE, FAIRNESS_FILE, FAIRNESS_MARKDOWN_FILE,
                                     FIGURE_SUFFIX, METADATA_FILE, MODEL_CARD_FILE, MODEL_CARD_HTML_FILE,
-                                    MODEL_CARD_JSON_FILE, MODEL_FILE, PUBLIC_KEY_FILE, SUMS_FILE, UNSUMMED)
+                                    MODEL_CARD_JSON_FILE, MODEL_FILE, PREPROCESS_FILE, PUBLIC_KEY_FILE, SUMS_FILE,
+                                    UNSUMMED)
+from dpmedtf.release.modality_guard import default_expected_input
 from dpmedtf.release.signing import fingerprint, sign_bundle
 from dpmedtf.release.verify import verify_bundle
 
@@ -179,6 +181,16 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
     certificate_data = certificate_bytes(certificate)
     metadata = _metadata(candidate, certificate, certificate_data, parity, policy, violations, override_reason,
                          model_version, public_key)
+    # A radiograph bundle carries its preprocessing as an ONNX graph too, so that any ONNX runtime goes
+    # from decoded pixels to the model's input without Python (preprocess_graph.py).
+    preprocess_proto = None
+    if metadata["preprocessing"]["modality"] == "radiograph":
+        image_size = int(metadata["preprocessing"]["image_size"])
+        preprocess_proto = preprocess_graph.build_preprocess_graph(image_size)
+        metadata["preprocessing"] = {**metadata["preprocessing"], "graph": preprocess_graph.describe(image_size)}
+        onnx_model.set_metadata(preprocess_proto, {"dpmedtf_version": metadata["dpmedtf_version"],
+                                                   "model_version": metadata["model_version"],
+                                                   "image_size": str(image_size)})
     export.set_metadata(proto, _onnx_properties(metadata))
     card_document = json_safe(model_card_document(candidate, metadata, certificate, intended_use, job_name,
                                                   details=card or CardDetails(), selected_from=selected_from,
@@ -201,6 +213,8 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
                                                    "release again"):
         staging.mkdir()
         (staging / MODEL_FILE).write_bytes(proto.SerializeToString())
+        if preprocess_proto is not None:
+            (staging / PREPROCESS_FILE).write_bytes(preprocess_proto.SerializeToString())
         (staging / CERTIFICATE_FILE).write_bytes(certificate_data)
         (staging / FAIRNESS_FILE).write_text(json.dumps(candidate.fairness_report, indent=2) + "\n")
         (staging / FAIRNESS_MARKDOWN_FILE).write_text(fairness_markdown(candidate.fairness_report, job_name))
@@ -267,6 +281,8 @@ def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: 
         "thresholds": candidate.thresholds,
         "thresholds_chosen_on": "validation split (Youden index)",
         "preprocessing": preprocessing,
+        # What the inputs' headers must say; `dpmedtf predict` refuses others unless told to allow them.
+        "expected_input": default_expected_input(modality),
         "model": {"architecture": candidate.training["config"]["model"]["architecture"],
                   "parameters": int(model.count_params()),
                   "activation": candidate.training["config"]["model"]["activation"]},

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dpmedtf.release.signing import SIGNATURE_FILE
 
-BUNDLE_FORMAT = 2
+BUNDLE_FORMAT = 3
 """2: the model card also as ``model_card.html`` and ``model_card.json``; ``metadata.json``'s
-``release.policy`` names the policy by name, file name, SHA-256 and rules instead of its path."""
+``release.policy`` names the policy by name, file name, SHA-256 and rules instead of its path.
+3: radiograph bundles carry ``preprocess.onnx``; ``metadata.json`` has ``expected_input`` (the modality guard)."""
 MODEL_FILE = "model.onnx"
+PREPROCESS_FILE = "preprocess.onnx"
+"""Radiograph bundles only: decoded pixels (H, W) → the model's input, as an ONNX graph
+(``preprocess_graph.py``); ``metadata.json``'s ``preprocessing.graph`` names its file, input and output."""
 CERTIFICATE_FILE = "privacy_certificate.json"
 FAIRNESS_FILE = "fairness_report.json"
 FAIRNESS_MARKDOWN_FILE = "fairness_report.md"

@@ -6,9 +6,13 @@ fairness report and model card (``model_card.json``) valid against dpmedtf's sch
 ε recomputed from its own DP event, metadata, ONNX metadata, model card and certificate agreeing, and
 the ONNX model loading and running.
 
-Which key: ``--public-key`` (or ``DPMEDTF_PUBLIC_KEY``) is the publisher's key the consumer obtained
-separately, and proves who signed. Without one, the key shipped inside the bundle is used; that proves
-the bundle is intact as signed, but anyone can sign with their own key, so the report says so.
+Which key: the publisher's key, obtained apart from the bundle, is what proves who signed. It comes from
+``public_key`` (``--public-key``), else ``DPMEDTF_PUBLIC_KEY``, else the user's trust store
+(``dpmedtf trust add``; the signature must verify with one trusted key, which the report names). With none
+of these, verification fails and says how to give the key. The key shipped inside the bundle proves only
+that the bundle is intact as signed (anyone who changes a bundle can re-sign it with their own key and ship
+that key), so it is used only when asked for explicitly (``integrity_only=True``, ``--integrity-only``),
+and the report then says the signer was NOT verified.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -29,8 +34,13 @@ from dpmedtf.release.layout import (AUDIT_FILE, CERTIFICATE_FILE, FAIRNESS_FILE,
                                     MODEL_FILE, PUBLIC_KEY_FILE, REQUIRED_FILES, SUMS_FILE, UNSUMMED)
 from dpmedtf.resources import schema_problems
 from dpmedtf.release.signing import SigningError, fingerprint, verify_signature
+from dpmedtf.release.trust import TRUST_DIR_ENVIRONMENT, TrustedKey, list_keys, trust_dir
 
 PUBLIC_KEY_ENVIRONMENT = "DPMEDTF_PUBLIC_KEY"
+# Where the key that checked the signature came from (``Signer.source``, ``--format json``).
+SOURCE_PUBLIC_KEY, SOURCE_ENVIRONMENT, SOURCE_TRUST_STORE = "--public-key", "env", "trust store"
+SOURCE_BUNDLE = "bundle (integrity only)"
+INTEGRITY_ONLY_NOTICE = "integrity only: signer NOT verified"
 _SUMS_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 
 
@@ -40,6 +50,29 @@ class BundleVerificationError(DpmedtfError):
         super().__init__(f"{report.bundle} failed verification:\n" + "\n".join(f"  - {f}" for f in report.failures))
 
 
+@dataclass(frozen=True)
+class Signer:
+    """The key the bundle's signature verified with, and why that key was believed."""
+
+    fingerprint: str
+    name: str | None
+    """The trust store's name for the key, else its file name; None for the bundle's own key."""
+    source: str
+    """SOURCE_PUBLIC_KEY, SOURCE_ENVIRONMENT, SOURCE_TRUST_STORE or SOURCE_BUNDLE."""
+
+    @property
+    def verified(self) -> bool:
+        """True when the key came from the consumer, not from the bundle itself."""
+        return self.source != SOURCE_BUNDLE
+
+    def describe(self) -> str:
+        who = f"{self.name} ({self.fingerprint})" if self.name else self.fingerprint
+        return f"{who}, key from {self.source}"
+
+    def to_json_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "name": self.name, "source": self.source}
+
+
 @dataclass
 class VerificationReport:
     bundle: Path
@@ -47,10 +80,25 @@ class VerificationReport:
     failures: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     key_fingerprint: str | None = None
+    signer: Signer | None = None
+    """Set once the signature verified; with ``integrity_only`` it is the bundle's own key."""
+    integrity_only: bool = False
+    """The signature was checked only against the key inside the bundle, as asked: the signer is unknown."""
+    synthetic_data: bool | None = None
 
     @property
     def ok(self) -> bool:
+        """Every check passed. With ``integrity_only`` that says nothing about who signed: see ``signer_verified``."""
         return not self.failures
+
+    @property
+    def signer_verified(self) -> bool:
+        return self.ok and self.signer is not None and self.signer.verified
+
+    def to_json_dict(self) -> dict:
+        return {"bundle": str(self.bundle), "ok": self.ok, "integrity_only": self.integrity_only,
+                "signer": self.signer.to_json_dict() if self.signer else None, "passed": list(self.passed),
+                "failures": list(self.failures), "warnings": list(self.warnings), "synthetic_data": self.synthetic_data}
 
     def check(self, name: str, problems: list[str]) -> bool:
         if problems:
@@ -60,16 +108,29 @@ class VerificationReport:
         return not problems
 
 
-def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | None = None) -> VerificationReport:
+def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | None = None, *,
+                  trusted_keys: Iterable[TrustedKey | str | os.PathLike] | None = None,
+                  integrity_only: bool = False) -> VerificationReport:
+    """Runs every check on ``bundle``; the report lists what passed and every failure.
+
+    The signature is checked with ``public_key``, else ``$DPMEDTF_PUBLIC_KEY``, else the trusted keys
+    (``trusted_keys``: TrustedKey objects or key files; None means the user's trust store, see
+    ``dpmedtf.release.trust``); without any, the report fails saying how to give the key. ``integrity_only``
+    checks against the key inside the bundle instead: the report can then pass (``ok``) with
+    ``integrity_only`` set and ``signer_verified`` False.
+    """
     bundle = Path(bundle)
-    report = VerificationReport(bundle)
+    if integrity_only and public_key:
+        raise DpmedtfError("give the publisher's public key or ask for an integrity-only check, not both "
+                           "(--public-key and --integrity-only)")
+    report = VerificationReport(bundle, integrity_only=integrity_only)
     if not bundle.is_dir():
         report.failures.append(f"{bundle}: not a bundle directory")
         return report
     report.check("all bundle files present",
                  [f"{name}: missing from the bundle" for name in REQUIRED_FILES if not (bundle / name).is_file()])
     report.check("SHA256SUMS matches every file", _sum_problems(bundle))
-    _check_signature(bundle, public_key, report)
+    _check_signature(bundle, public_key, trusted_keys, integrity_only, report)
 
     documents = {}
     for name in (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_CARD_JSON_FILE):
@@ -102,6 +163,12 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
         report.check("model card agrees with the certificate and metadata", _card_problems(card, certificate, metadata))
     if metadata is not None:
         report.check("ONNX model loads, matches its metadata and runs", _model_problems(bundle, metadata))
+    if metadata is not None and _mapping(metadata.get("preprocessing")).get("modality") == "radiograph":
+        problems = _preprocess_graph_problems(bundle, metadata, report)
+        if problems is not None:
+            report.check("preprocess.onnx computes the training preprocessing", problems)
+    if metadata is not None:
+        report.synthetic_data = bool(metadata.get("synthetic_data"))
     if metadata is not None and metadata.get("synthetic_data"):
         report.warnings.append("this model was trained on SYNTHETIC data; it makes no clinical claim")
     return report
@@ -165,20 +232,101 @@ def _digest(path: Path) -> str | None:
         return None
 
 
-def _check_signature(bundle: Path, public_key, report: VerificationReport) -> None:
-    chosen = public_key or os.environ.get(PUBLIC_KEY_ENVIRONMENT)
-    if chosen is None:
-        chosen = bundle / PUBLIC_KEY_FILE
-        report.warnings.append(f"no --public-key given: the signature was checked with the key inside the bundle "
-                               f"({PUBLIC_KEY_FILE}), which proves integrity but not who signed; compare the "
-                               "fingerprint above with the publisher's, or pass --public-key")
+def _check_signature(bundle: Path, public_key, trusted_keys, integrity_only: bool, report: VerificationReport) -> None:
+    environment = os.environ.get(PUBLIC_KEY_ENVIRONMENT)
+    if integrity_only:
+        if environment:  # the explicit request wins over the ambient setting, but not silently
+            report.warnings.append(f"{PUBLIC_KEY_ENVIRONMENT} is set but an integrity-only check was asked for: "
+                                   "the key inside the bundle was used instead")
+        _check_with_bundle_key(bundle, report)
+        return
+    trusted = _trusted(trusted_keys, report)
+    if public_key or environment:
+        key, source = (public_key, SOURCE_PUBLIC_KEY) if public_key else (environment, SOURCE_ENVIRONMENT)
+        try:
+            report.key_fingerprint = fingerprint(key)
+            verify_signature(bundle, key)
+        except SigningError as exc:
+            report.failures.append(_short_signature_message(str(exc)))
+            return
+        known = next((k for k in trusted if k.fingerprint == report.key_fingerprint), None)
+        _signed(report, Signer(report.key_fingerprint, known.name if known else Path(key).name, source))
+    elif trusted:
+        _check_with_trusted_keys(bundle, trusted, report)
+    else:
+        claimed = _bundle_key_fingerprint(bundle)
+        report.failures.append(
+            "signer not verified: no publisher key given. Pass --public-key KEY (the publisher's public key, "
+            f"obtained apart from the bundle), set {PUBLIC_KEY_ENVIRONMENT}=KEY, or trust the key once with "
+            f"`dpmedtf trust add KEY --name PUBLISHER` (trust store {trust_dir()}, or set {TRUST_DIR_ENVIRONMENT})"
+            + (f"; the bundle says it was signed by {claimed}" if claimed else "")
+            + ". To check integrity alone against the key inside the bundle, pass --integrity-only")
+
+
+def _signed(report: VerificationReport, signer: Signer) -> None:
+    report.signer, report.key_fingerprint = signer, signer.fingerprint
+    report.passed.append(f"signature valid: signed by {signer.describe()}")
+
+
+def _check_with_bundle_key(bundle: Path, report: VerificationReport) -> None:
+    key = bundle / PUBLIC_KEY_FILE
     try:
-        report.key_fingerprint = fingerprint(chosen)
-        verify_signature(bundle, chosen)
+        report.key_fingerprint = fingerprint(key)
+        verify_signature(bundle, key)
     except SigningError as exc:
         report.failures.append(_short_signature_message(str(exc)))
         return
-    report.passed.append(f"signature valid for key {report.key_fingerprint}")
+    report.signer = Signer(report.key_fingerprint, None, SOURCE_BUNDLE)
+    report.passed.append(f"signature valid for the key inside the bundle ({report.key_fingerprint})")
+    report.warnings.append(f"{INTEGRITY_ONLY_NOTICE}: the signature was checked with the bundle's own "
+                           f"{PUBLIC_KEY_FILE}, which anyone who changes the bundle can replace along with the "
+                           "signature; compare its fingerprint with the one the publisher announced, then pass "
+                           "--public-key or `dpmedtf trust add` the publisher's key")
+
+
+def _trusted(trusted_keys, report: VerificationReport) -> list[TrustedKey]:
+    if trusted_keys is None:
+        return list_keys()
+    keys = []
+    for key in trusted_keys:
+        if isinstance(key, TrustedKey):
+            keys.append(key)
+            continue
+        try:
+            keys.append(TrustedKey(fingerprint(key), Path(key).name, Path(key)))
+        except SigningError as exc:
+            report.warnings.append(f"trusted key skipped: {exc}")
+    return keys
+
+
+def _check_with_trusted_keys(bundle: Path, trusted: list[TrustedKey], report: VerificationReport) -> None:
+    """The signature must verify with one trusted key. model-signing compares the key with the signature's
+    key hint before hashing any file, so trying a key that did not sign costs nothing; a key that matches
+    the hint but fails is the answer (the bundle changed, or the signature is forged) and ends the search."""
+    for key in trusted:
+        try:
+            verify_signature(bundle, key.path)
+        except SigningError as exc:
+            if "Key mismatch" in str(exc):
+                continue
+            report.key_fingerprint = key.fingerprint
+            report.failures.append(_short_signature_message(str(exc)))
+            return
+        _signed(report, Signer(key.fingerprint, key.name, SOURCE_TRUST_STORE))
+        return
+    claimed = _bundle_key_fingerprint(bundle)
+    report.failures.append(
+        f"signer not verified: the signature verifies with none of the {len(trusted)} key(s) in your trust store"
+        + (f"; the bundle says it was signed by {claimed}" if claimed else "")
+        + ". If the publisher announced that fingerprint, add their key with `dpmedtf trust add KEY` or pass "
+        "--public-key KEY; otherwise do not use this bundle")
+
+
+def _bundle_key_fingerprint(bundle: Path) -> str | None:
+    try:
+        return fingerprint(bundle / PUBLIC_KEY_FILE)
+    except SigningError:
+        return None
 
 
 def _short_signature_message(message: str) -> str:
@@ -206,6 +354,10 @@ def _metadata_problems(bundle: Path, metadata: dict, certificate: dict) -> list[
     if (bundle / CERTIFICATE_FILE).is_file():
         if privacy.get("privacy_certificate_sha256") != sha256_file(bundle / CERTIFICATE_FILE):
             problems.append(f"{METADATA_FILE}: privacy_certificate_sha256 does not match {CERTIFICATE_FILE}")
+    expected = metadata.get("expected_input")
+    if expected is not None and not (isinstance(expected, dict) and all(
+            isinstance(v, int) or (isinstance(v, list) and all(isinstance(i, str) for i in v)) for v in expected.values())):
+        problems.append(f"{METADATA_FILE}: expected_input must be an object of lists of names and whole numbers")
     labels, thresholds = metadata.get("labels"), metadata.get("thresholds")
     if not labels or not isinstance(labels, list) or not isinstance(thresholds, dict) or list(thresholds) != labels:
         problems.append(f"{METADATA_FILE}: thresholds must give one value per label, in label order")
@@ -231,6 +383,46 @@ def _preprocessing_problems(metadata: dict) -> list[str]:
         usable = False
     return [] if usable else [f"{METADATA_FILE}: preprocessing or input.shape is missing or malformed; inputs cannot "
                               "be prepared as in training"]
+
+
+def _preprocess_graph_problems(bundle: Path, metadata: dict, report: VerificationReport) -> list[str] | None:
+    """A radiograph bundle's preprocess.onnx must be the training preprocessing, not merely a valid graph:
+    it is run on a small fixed image and must give exactly what dpmedtf's own preprocessing gives.
+    None (and a warning) for a bundle older than the graph."""
+    import onnx
+
+    from dpmedtf.release import onnx_model, preprocessing
+    from dpmedtf.release.layout import PREPROCESS_FILE
+
+    described = _mapping(_mapping(metadata.get("preprocessing")).get("graph"))
+    if not described:
+        if metadata.get("format_version", 0) >= 3:
+            return [f"{METADATA_FILE}: preprocessing.graph is missing; a bundle of format 3 describes its "
+                    f"{PREPROCESS_FILE}"]
+        report.warnings.append(f"this bundle (format {metadata.get('format_version')}) has no {PREPROCESS_FILE}; "
+                               "only dpmedtf can prepare its inputs")
+        return None
+    path = bundle / str(described.get("file", PREPROCESS_FILE))
+    if not path.is_file():
+        return [f"{path.name}: named by {METADATA_FILE} but missing from the bundle"]
+    try:
+        proto = onnx.load(str(path))
+        onnx_model.check_graph(proto, (str(described.get("input")),), (str(described.get("output")),))
+        size = int(metadata["preprocessing"]["image_size"])
+        properties = onnx_model.metadata_of(proto)
+        problems = [f"{path.name}: metadata_props[{key!r}] = {properties.get(key)!r}, expected {value!r}"
+                    for key, value in (("image_size", str(size)), ("model_version", metadata.get("model_version")))
+                    if properties.get(key) != value]
+        probe = np.add.outer(np.arange(40, dtype=np.float32) * 37.0, np.arange(36, dtype=np.float32) ** 2) % 4093
+        (image,) = onnx_model.session(path.read_bytes()).run([described["output"]], {described["input"]: probe})
+    except Exception as exc:  # onnx and onnxruntime raise their own types for a damaged graph
+        return [f"{path.name}: not a runnable preprocessing graph ({exc.__class__.__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"]
+    expected = preprocessing.to_model_input(preprocessing.radiograph_uint8(probe, size))[None]
+    if image.shape != expected.shape or not np.array_equal(image, expected):
+        problems.append(f"{path.name}: on a test image it does not give dpmedtf's preprocessing (shape {image.shape}, "
+                        f"expected {expected.shape})")
+    return problems
 
 
 def _model_problems(bundle: Path, metadata: dict) -> list[str]:

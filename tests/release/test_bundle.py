@@ -18,7 +18,7 @@ from dpmedtf.data import radiograph
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.models import load_model
 from dpmedtf.release.job import release_job
-from dpmedtf.release.layout import FIGURE_SUFFIX, REQUIRED_FILES
+from dpmedtf.release.layout import FIGURE_SUFFIX, PREPROCESS_FILE, REQUIRED_FILES
 from dpmedtf.release.verify import BundleVerificationError, verify_bundle
 
 REAL_RADIOGRAPH = get_testdata_file("RG1_UNCR.dcm")
@@ -33,7 +33,8 @@ def run_cli(*args) -> int:
 
 def test_bundle_has_the_contract_files_and_consistent_metadata(bundle, released_run):
     figures = sorted(p.name for p in (released_run[1] / "evaluation").glob(f"*{FIGURE_SUFFIX}"))
-    assert sorted(p.name for p in bundle.iterdir()) == sorted([*REQUIRED_FILES, *figures])  # no audit in this run
+    # no audit in this run; a radiograph bundle carries its preprocessing graph
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*REQUIRED_FILES, PREPROCESS_FILE, *figures])
     certificate = json.loads((bundle / "privacy_certificate.json").read_text())
     for key in ("schema_version", "epsilon", "delta", "accountant", "unit_of_privacy", "sampling", "sampling_rate",
                 "noise_multiplier", "clip_norm", "steps", "dataset_size", "dp_event", "statement"):
@@ -67,15 +68,17 @@ def test_predict_on_the_real_radiograph_matches_keras(bundle, released_run, keys
     thresholds = np.array([metadata["thresholds"][n] for n in labels])
     np.testing.assert_array_equal(predictions[[f"{n}_label" for n in labels]].to_numpy()[0], actual >= thresholds)
 
-    assert run_cli("predict", bundle, REAL_RADIOGRAPH, "--out", out) != 0  # never replaces a result silently
+    assert run_cli("predict", bundle, REAL_RADIOGRAPH, "--out", out,  # never replaces a result silently
+                   "--public-key", keys / "publisher.pub") != 0
 
 
-def test_python_consumers_load_a_verified_session(bundle):
-    loaded = dpmedtf.release.load(bundle)
+def test_python_consumers_load_a_verified_session(bundle, keys):
+    loaded = dpmedtf.release.load(bundle, keys / "publisher.pub")
     x = loaded.preprocess(REAL_RADIOGRAPH)[None]
     probabilities = loaded.probabilities(x)
     assert probabilities.shape == (1, 8) and loaded.labels == loaded.metadata["labels"]
     assert loaded.certificate["epsilon"] == loaded.metadata["privacy"]["epsilon"]
+    assert loaded.signer.verified and loaded.signer.source == "--public-key"
 
 
 @pytest.mark.parametrize("name", REQUIRED_FILES)
@@ -112,7 +115,7 @@ def test_predict_refuses_a_tampered_bundle(bundle_copy, keys, tmp_path, capsys):
     assert run_cli("predict", bundle_copy, REAL_RADIOGRAPH, "--out", out, "--public-key", keys / "publisher.pub") == 1
     assert "metadata.json" in capsys.readouterr().err and not out.exists()
     with pytest.raises(BundleVerificationError, match="metadata.json"):
-        dpmedtf.release.load(bundle_copy)
+        dpmedtf.release.load(bundle_copy, keys / "publisher.pub")
 
 
 def test_a_release_is_never_overwritten(bundle, released_run):
@@ -123,9 +126,10 @@ def test_a_release_is_never_overwritten(bundle, released_run):
 
 
 @pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None, reason="Node.js is not installed")
-def test_node_consumer_reproduces_dpmedtf_predict(bundle, tmp_path):
+def test_node_consumer_reproduces_dpmedtf_predict(bundle, keys, tmp_path):
     out, inputs = tmp_path / "preds.csv", tmp_path / "inputs"
-    assert run_cli("predict", bundle, REAL_RADIOGRAPH, "--out", out, "--save-inputs", inputs) == 0
+    assert run_cli("predict", bundle, REAL_RADIOGRAPH, "--out", out, "--save-inputs", inputs,
+                   "--public-key", keys / "publisher.pub") == 0
     example = tmp_path / "node"
     shutil.copytree(EXAMPLES, example, ignore=shutil.ignore_patterns("node_modules"))
     env = {"ONNXRUNTIME_NODE_INSTALL": "skip", "PATH": __import__("os").environ["PATH"], "HOME": str(tmp_path)}
