@@ -29,6 +29,9 @@ preprocess_app = typer.Typer(no_args_is_help=True, help="Write exactly what the 
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(config_app, name="config")
 app.add_typer(preprocess_app, name="preprocess")
+trust_app = typer.Typer(no_args_is_help=True, help="Publishers' public keys you trust: `verify` and `predict` check "
+                                                  "bundles against them and name the signer.")
+app.add_typer(trust_app, name="trust")
 
 
 class AccountantChoice(str, Enum):
@@ -232,18 +235,23 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config
           force: bool = typer.Option(False, "--force", help="Train again even if a finished model exists.")) -> None:
     """Train one job (DP-SGD or non-private, or an ε sweep); resumes from its last checkpoint."""
     from dpmedtf.config import load_config
+    from dpmedtf.data.cache import quarantine_note
     from dpmedtf.progress import progress_bar
+    from dpmedtf.run_lock import training_lock
     from dpmedtf.training.job import prepare_data, train_members
 
     job = load_config(config)
     out = out or Path("runs") / job.name
-    with progress_bar("preparing data", 1) as advance:
-        prepared = prepare_data(job, out, progress=advance)
-    for result in train_members(job, prepared, out, force=force):
-        privacy = (f"ε = {result.ledger.epsilon():.4g} at δ = {result.plan.delta:g}" if result.ledger is not None
-                   else "non-private")
-        written = "" if result.chief else ", written by the chief worker"
-        typer.echo(f"{result.model_path} ({result.steps} steps, {privacy}{written})")
+    with training_lock(out, job.training):
+        with progress_bar("preparing data", 1) as advance:
+            prepared = prepare_data(job, out, progress=advance)
+        if quarantine_note(prepared):
+            typer.echo(f"WARNING: {quarantine_note(prepared)}", err=True)
+        for result in train_members(job, prepared, out, force=force):
+            privacy = (f"ε = {result.ledger.epsilon():.4g} at δ = {result.plan.delta:g}" if result.ledger is not None
+                       else "non-private")
+            written = "" if result.chief else ", written by the chief worker"
+            typer.echo(f"{result.model_path} ({result.steps} steps, {privacy}{written})")
 
 
 @app.command("evaluate")
@@ -256,9 +264,12 @@ def evaluate(config: Path = typer.Argument(..., help="The job YAML the model was
 
     from dpmedtf.evaluation.canary_audit import read_audit
 
+    from dpmedtf.run_lock import RunLock
+
     job = load_config(config)
     run = run or Path("runs") / job.name
-    members, report = evaluate_job(job, run, force)
+    with RunLock(run, "dpmedtf evaluate", create=False):
+        members, report = evaluate_job(job, run, force)
     audit = read_audit(run)
     for member in members:
         mean = member.metrics["mean"]
@@ -332,10 +343,13 @@ def run(pipeline: Path = typer.Argument(..., help="Pipeline YAML (a job with a `
     from dpmedtf.config import load_config
     from dpmedtf.runner import Pipeline
 
-    outcomes = Pipeline(load_config(pipeline), out, force).run()
+    runner = Pipeline(load_config(pipeline), out, force)
+    outcomes = runner.run()
     for outcome in outcomes:
         typer.echo(f"{outcome.stage}: {outcome.status}")
     typer.echo(f"summary: {out / 'index.html'}")
+    if runner.quarantine_note:
+        typer.echo(f"WARNING: {runner.quarantine_note}", err=True)
 
 
 @app.command("demo")
@@ -389,18 +403,21 @@ def release(config: Path = typer.Argument(..., help="The job YAML the model was 
     """Export to ONNX, certify, check the release policy, write and sign the bundle."""
     from dpmedtf.config import load_config
     from dpmedtf.release.job import release_job, with_release_overrides
+    from dpmedtf.run_lock import RunLock
 
     job = with_release_overrides(load_config(config), member=member, private_key=private_key, public_key=public_key,
                                  policy=policy)
-    bundle = release_job(job, run or Path("runs") / job.name, out, override_policy)
+    run = run or Path("runs") / job.name
+    with RunLock(run, "dpmedtf release", create=False):
+        bundle = release_job(job, run, out, override_policy)
     typer.echo(f"bundle: {bundle}")
     _print_verification(_verify(bundle, job.release.public_key or job.release.private_key.with_suffix(".pub")))
 
 
-def _verify(bundle: Path, public_key: Optional[Path]):
+def _verify(bundle: Path, public_key: Optional[Path], integrity_only: bool = False):
     from dpmedtf.release.verify import verify_bundle
 
-    return verify_bundle(bundle, public_key)
+    return verify_bundle(bundle, public_key, integrity_only=integrity_only)
 
 
 def _print_verification(report) -> None:
@@ -412,40 +429,165 @@ def _print_verification(report) -> None:
         typer.echo(f"  note  {line}", err=True)
 
 
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+EXIT_INTEGRITY_ONLY = 3
+"""verify/predict: everything passed, but the signature was only checked against the key inside the bundle."""
+_PUBLIC_KEY = typer.Option(None, "--public-key", help="The publisher's public key, obtained apart from the bundle "
+                           "(or set DPMEDTF_PUBLIC_KEY, or add it once with `dpmedtf trust add`).")
+_INTEGRITY_ONLY = typer.Option(False, "--integrity-only",
+                               help="Check the signature against the key inside the bundle instead: proves the bundle "
+                                    f"is intact as signed, NOT who signed it; exits {EXIT_INTEGRITY_ONLY}.")
+_FORMAT = typer.Option(OutputFormat.text, "--format",
+                       help="text, or json: one JSON document on stdout and nothing else there (notes go to stderr).")
+
+
+def _refuse_key_and_integrity_only(public_key: Optional[Path], integrity_only: bool) -> None:
+    if public_key is not None and integrity_only:
+        raise UsageError("give --public-key (the signer is checked) or --integrity-only (it is not), not both")
+
+
 @app.command("verify")
 def verify(bundle: Path = typer.Argument(..., help="Release bundle directory."),
-           public_key: Optional[Path] = typer.Option(None, "--public-key", help="The publisher's public key (or set DPMEDTF_PUBLIC_KEY).")) -> None:
-    """Check a bundle's sums, signature, schemas, certificate arithmetic and model; exit 1 on any failure."""
-    report = _verify(bundle, public_key)
-    _print_verification(report)
+           public_key: Optional[Path] = _PUBLIC_KEY, integrity_only: bool = _INTEGRITY_ONLY,
+           output_format: OutputFormat = _FORMAT) -> None:
+    """Check a bundle's sums, signature (naming who signed), schemas, certificate arithmetic and model.
+
+    The signature must verify with the publisher's key: --public-key, else DPMEDTF_PUBLIC_KEY, else a trusted key.
+
+    Exit status:
+    0  verified, signed by the publisher's key
+    1  a check failed, or no publisher key was given
+    2  usage error
+    3  intact, but checked only against the key inside the bundle (--integrity-only): signer NOT verified
+    """
+    from dpmedtf.release.verify import INTEGRITY_ONLY_NOTICE
+
+    _refuse_key_and_integrity_only(public_key, integrity_only)
+    report = _verify(bundle, public_key, integrity_only)
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(report.to_json_dict(), indent=2))
+    else:
+        _print_verification(report)
     if not report.ok:
         typer.echo(f"dpmedtf: {bundle} FAILED verification ({len(report.failures)} problem(s))", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{bundle}: verified")
+    if report.integrity_only:
+        if output_format is OutputFormat.text:
+            typer.echo(f"{bundle}: intact as signed by the key inside the bundle ({report.key_fingerprint}); "
+                       f"{INTEGRITY_ONLY_NOTICE}")
+        raise typer.Exit(EXIT_INTEGRITY_ONLY)
+    if output_format is OutputFormat.text:
+        typer.echo(f"{bundle}: verified, signed by {report.signer.describe()}")
 
 
 @app.command("predict")
 def predict(bundle: Path = typer.Argument(..., help="Release bundle directory."),
-            inputs: list[Path] = typer.Argument(..., help="DICOM/PNG/JPEG radiographs, or NIfTI files / DICOM folders for CT."),
-            out: Path = typer.Option(..., "--out", help="CSV of probabilities and thresholded labels."),
-            public_key: Optional[Path] = typer.Option(None, "--public-key", help="The publisher's public key (or set DPMEDTF_PUBLIC_KEY)."),
+            inputs: list[Path] = typer.Argument(..., help="DICOM/PNG/JPEG radiographs or folders of them (walked "
+                                                           "recursively), or NIfTI files / DICOM series folders for CT."),
+            out: Optional[Path] = typer.Option(None, "--out", help="CSV of probabilities and thresholded labels "
+                                                                   "(required unless --format json)."),
+            public_key: Optional[Path] = _PUBLIC_KEY, integrity_only: bool = _INTEGRITY_ONLY,
+            allow_modality_mismatch: bool = typer.Option(
+                False, "--allow-modality-mismatch",
+                help="Predict on inputs whose DICOM/NIfTI header says they are not what the model was trained on "
+                     "(e.g. a CT slice for a radiograph model); recorded per input in modality_check."),
+            output_format: OutputFormat = _FORMAT,
             save_inputs: Optional[Path] = typer.Option(None, "--save-inputs", help="Also write each preprocessed input as raw float32 here."),
             force: bool = typer.Option(False, "--force", help="Replace an existing --out file.")) -> None:
-    """Verify the bundle, preprocess the inputs as in training, run the ONNX model, write the CSV."""
-    from dpmedtf.progress import progress_bar
-    from dpmedtf.release.predict import check_inputs_exist, load, predict_files, write_predictions
+    """Verify the bundle, check the inputs' headers, preprocess as in training, run the model; CSV and/or JSON.
 
-    if out.exists() and not force:
+    The bundle must verify with the publisher's key, as for `verify`.
+
+    Inputs whose DICOM/NIfTI header does not match the model's training data are refused (--allow-modality-mismatch).
+
+    Exit status:
+    0  done
+    1  an error: verification failed or no publisher key, an input refused or unreadable
+    2  usage error
+    3  done, but the bundle was checked only against the key inside it (--integrity-only): signer NOT verified
+    """
+    from dpmedtf.progress import progress_bar
+    from dpmedtf.release.predict import (check_inputs_exist, expand_inputs, load, predict_files,
+                                         predictions_document, write_predictions)
+    from dpmedtf.release.verify import INTEGRITY_ONLY_NOTICE
+
+    as_json = output_format is OutputFormat.json
+    if out is None and not as_json:
+        raise UsageError("--out is required (the CSV to write), unless --format json prints the predictions on stdout")
+    _refuse_key_and_integrity_only(public_key, integrity_only)
+    if out is not None and out.exists() and not force:
         raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
     check_inputs_exist(inputs)  # before the bundle's verification, which takes seconds
-    loaded = load(bundle, public_key)
+    loaded = load(bundle, public_key, integrity_only=integrity_only)
     for line in loaded.verification.warnings:
         typer.echo(f"note: {line}", err=True)
-    with progress_bar("preprocessing", len(inputs)) as advance:
-        frame = predict_files(loaded, inputs, advance, save_inputs)
-    write_predictions(frame, out, force)
+    files = expand_inputs(loaded, inputs)
+    if as_json:  # the progress bar of a terminal draws on stdout, which belongs to the JSON document
+        frame = predict_files(loaded, files, None, save_inputs, allow_modality_mismatch=allow_modality_mismatch)
+    else:
+        with progress_bar("preprocessing", len(files)) as advance:
+            frame = predict_files(loaded, files, advance, save_inputs, allow_modality_mismatch=allow_modality_mismatch)
+    if out is not None:
+        write_predictions(frame, out, force)
+    overridden = int(frame["modality_check"].str.startswith("overridden").sum())
+    if overridden:
+        typer.echo(f"note: {overridden} input(s) predicted despite a header that does not match what the model was "
+                   "trained on (--allow-modality-mismatch); each is marked in modality_check", err=True)
     positives = {name: int(frame[f"{name}_label"].sum()) for name in loaded.labels}
-    typer.echo(f"wrote {out}: {len(frame)} input(s); positive calls per label {positives}")
+    summary = (f"wrote {out}: " if out is not None else "") + f"{len(frame)} input(s); positive calls per label " \
+        f"{positives}; model signed by {loaded.signer.describe()}"
+    if as_json:
+        typer.echo(json.dumps(predictions_document(loaded, frame), indent=2))
+        typer.echo(summary, err=True)
+    else:
+        typer.echo(summary)
+    if loaded.verification.integrity_only:
+        typer.echo(f"{bundle}: {INTEGRITY_ONLY_NOTICE}", err=as_json)
+        raise typer.Exit(EXIT_INTEGRITY_ONLY)
+
+
+# --- trust store -------------------------------------------------------------------------------------
+
+@trust_app.command("add")
+def trust_add(key: Path = typer.Argument(..., help="The publisher's public key (PEM), obtained from them directly."),
+              name: Optional[str] = typer.Option(None, "--name", help="What to call the publisher (default: the key "
+                                                                      "file's name).")) -> None:
+    """Trust a publisher's key: `verify` and `predict` then accept bundles it signed, and name it."""
+    from dpmedtf.release.trust import add_key
+
+    trusted = add_key(key, name)
+    typer.echo(f"trusted {trusted.name}: {trusted.fingerprint}\n  stored as {trusted.path}")
+    typer.echo("compare this fingerprint with the one the publisher announced", err=True)
+
+
+@trust_app.command("list")
+def trust_list(output_format: OutputFormat = _FORMAT) -> None:
+    """The trusted publishers' keys: fingerprint and name."""
+    from dpmedtf.release.trust import list_keys, trust_dir
+
+    keys = list_keys()
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps({"trust_dir": str(trust_dir()), "keys": [
+            {"fingerprint": k.fingerprint, "name": k.name, "path": str(k.path)} for k in keys]}, indent=2))
+        return
+    if not keys:
+        typer.echo(f"no trusted keys in {trust_dir()}; add one with `dpmedtf trust add KEY --name PUBLISHER`")
+    for key in keys:
+        typer.echo(f"{key.fingerprint}  {key.name}")
+
+
+@trust_app.command("remove")
+def trust_remove(fingerprint: str = typer.Argument(..., help="The key's fingerprint as `dpmedtf trust list` shows it "
+                                                              "(or its first 8+ hex digits).")) -> None:
+    """Stop trusting a key."""
+    from dpmedtf.release.trust import remove_key
+
+    removed = remove_key(fingerprint)
+    typer.echo(f"removed {removed.name} ({removed.fingerprint})")
 
 
 def _print_cohort(loaded, table, out: Optional[Path]) -> None:
@@ -462,6 +604,26 @@ def _print_cohort(loaded, table, out: Optional[Path]) -> None:
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the cohort table ({exc.strerror or exc}); choose another --out") \
                 from None
+
+
+def _training_stack_message(command, args: list[str], exc: ImportError) -> str | None:
+    """The one-line error for a command run without the ``[train]`` extra, or None when ``exc`` is about
+    something else. Decided by the missing module, not by a list of commands, so new commands are covered."""
+    from dpmedtf import TrainingStackMissing, missing_training_module
+
+    module = missing_training_module(exc)
+    if module is None:
+        return None
+    words = ["dpmedtf"]
+    for arg in args:  # the command path: groups and commands take no options before their subcommand
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            if arg.startswith("-"):
+                continue
+            break
+        words.append(arg)
+        command = sub
+    return str(TrainingStackMissing(f"'{' '.join(words)}'", module))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -482,6 +644,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except DpmedtfError as exc:
         typer.echo(f"dpmedtf: error: {exc}", err=True)
+        sys.exit(1)
+    except ImportError as exc:  # the consumer install (`pip install dpmedtf`) has no training stack
+        message = _training_stack_message(command, sys.argv[1:] if argv is None else argv, exc)
+        if message is None:
+            raise
+        typer.echo(f"dpmedtf: error: {message}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -4,6 +4,11 @@
 model whose files, signature and certificate were checked first. Preprocessing is dpmedtf's own
 training code (``data.radiograph`` / ``data.volume``) driven by the spec stored in the bundle, so the
 model sees at prediction time exactly what it saw in training.
+
+``load`` needs the publisher's key (argument, ``DPMEDTF_PUBLIC_KEY`` or the trust store; see
+``verify``), and before preprocessing ``predict_files`` checks each input's header against what the
+model was trained on (``modality_guard``), refusing a CT slice given to a chest-radiograph model unless
+the mismatch is explicitly allowed, in which case each row records it.
 """
 
 from __future__ import annotations
@@ -12,15 +17,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from dpmedtf.errors import DataError, DpmedtfError, OutputError, OutputExistsError
-from dpmedtf.release import onnx_model
+from dpmedtf.release import modality_guard, onnx_model
 from dpmedtf.release.layout import CERTIFICATE_FILE, METADATA_FILE, MODEL_FILE
-from dpmedtf.release.verify import BundleVerificationError, VerificationReport, verify_bundle
+from dpmedtf.release.trust import TrustedKey
+from dpmedtf.release.verify import BundleVerificationError, Signer, VerificationReport, verify_bundle
 
 BATCH_SIZE = 8
 
@@ -44,25 +50,29 @@ class LoadedBundle:
     def thresholds(self) -> np.ndarray:
         return np.array([self.metadata["thresholds"][name] for name in self.labels])
 
+    @property
+    def modality(self) -> str:
+        """``radiograph`` (one file per input) or ``volume`` (a NIfTI file or DICOM series folder)."""
+        return self.metadata["preprocessing"]["modality"]
+
+    @property
+    def expected_input(self) -> dict:
+        """What the inputs' headers must say (``metadata.json``'s ``expected_input``, or the modality's default)."""
+        return modality_guard.expected_input_of(self.metadata)
+
+    @property
+    def signer(self) -> Signer | None:
+        """Whose key the signature verified with; ``signer.verified`` is False for an integrity-only load."""
+        return self.verification.signer
+
     def preprocess(self, path: str | os.PathLike) -> np.ndarray:
-        """One file → the float32 model input (without the batch axis), by the bundle's spec."""
-        spec = self.metadata["preprocessing"]
-        shape = tuple(self.metadata["input"]["shape"][1:])
-        if spec["modality"] == "radiograph":
-            from dpmedtf.data import radiograph
+        """One file → the float32 model input (without the batch axis), by the bundle's spec.
 
-            image = radiograph.preprocess_file(path, spec["image_size"], spec.get("dicom_decoder", "tensorflow-io"))
-            model_input = radiograph.to_model_input(image).numpy()
-        else:
-            from dpmedtf.data import volume
+        numpy/pydicom/Pillow code proven equal to the training pipeline (tests/release/test_preprocessing.py),
+        so predicting needs no TensorFlow."""
+        from dpmedtf.release.preprocessing import model_input
 
-            data = volume.preprocess_file(path, tuple(spec["volume_shape_hwd"]), tuple(spec["hu_window"]))
-            # Training reads volumes from a float16 cache; round the same way so the inputs match.
-            data = data.astype(np.float16).astype(np.float32)
-            model_input = np.repeat(data[..., None], shape[-1], axis=-1)
-        if model_input.shape != shape:
-            raise DpmedtfError(f"{path}: preprocessed to {model_input.shape}, but the model takes {shape}")
-        return model_input.astype(np.float32)
+        return model_input(path, self.metadata)
 
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """Preprocessed inputs (N, …) → probabilities (N, labels)."""
@@ -70,10 +80,16 @@ class LoadedBundle:
         return output
 
 
-def load(path: str | os.PathLike, public_key: str | os.PathLike | None = None) -> LoadedBundle:
-    """The bundle at ``path``, verified (raises BundleVerificationError listing every failure)."""
+def load(path: str | os.PathLike, public_key: str | os.PathLike | None = None, *,
+         trusted_keys: Iterable[TrustedKey | str | os.PathLike] | None = None,
+         integrity_only: bool = False) -> LoadedBundle:
+    """The bundle at ``path``, verified (raises BundleVerificationError listing every failure).
+
+    The signature must verify with the publisher's key: ``public_key``, else ``$DPMEDTF_PUBLIC_KEY``, else
+    one of ``trusted_keys`` (default: the user's trust store, ``dpmedtf trust add``). ``integrity_only``
+    accepts the key inside the bundle instead; ``signer.verified`` is then False."""
     path = Path(path)
-    report = verify_bundle(path, public_key)
+    report = verify_bundle(path, public_key, trusted_keys=trusted_keys, integrity_only=integrity_only)
     if not report.ok:
         raise BundleVerificationError(report)
     metadata = json.loads((path / METADATA_FILE).read_text())
@@ -91,16 +107,42 @@ def check_inputs_exist(inputs: Sequence[str | os.PathLike]) -> None:
                         + (" …" if len(missing) > 10 else "") + "; check the paths (nothing was predicted or written)")
 
 
-def predict_files(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike], progress=None,
-                  save_inputs: str | os.PathLike | None = None) -> pd.DataFrame:
-    """One row per input: its path, per label ``<label>_prob`` and ``<label>_label`` (thresholded).
-
-    Every input is preprocessed before any result is returned: one unreadable file stops the whole
-    call with its name, rather than yielding a table silently missing a row. ``save_inputs`` writes each
-    preprocessed input as raw little-endian float32 (``<n>.f32`` plus ``inputs.json`` with shapes), so
-    any other ONNX runtime can be checked against these probabilities.
-    """
+def expand_inputs(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The inputs with each folder replaced by every file under it (sorted, recursive, hidden files and
+    folders skipped) for a radiograph model; for a CT model a folder is one DICOM series and stays."""
     check_inputs_exist(inputs)
+    if bundle.modality != "radiograph":
+        return [Path(p) for p in inputs]
+    expanded = []
+    for path in map(Path, inputs):
+        if not path.is_dir():
+            expanded.append(path)
+            continue
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise DataError(f"{path}: folder holds no (non-hidden) files; give a folder of radiographs "
+                            "(DICOM, PNG or JPEG) or the files themselves")
+        expanded.extend(files)
+    return expanded
+
+
+def predict_files(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike], progress=None,
+                  save_inputs: str | os.PathLike | None = None, *,
+                  allow_modality_mismatch: bool = False) -> pd.DataFrame:
+    """One row per input: its path, per label ``<label>_prob`` and ``<label>_label`` (thresholded), and
+    ``modality_check`` (see ``modality_guard``), then the model version and who signed it.
+
+    For a radiograph model a folder stands for every file under it (``expand_inputs``). Before anything
+    is preprocessed, each input's header is compared with what the model was trained on; a mismatch is
+    a DataError naming the inputs unless ``allow_modality_mismatch``, and then the row says
+    ``overridden: …``. Every input is preprocessed before any result is returned: one unreadable file
+    stops the whole call with its name, rather than yielding a table silently missing a row.
+    ``save_inputs`` writes each preprocessed input as raw little-endian float32 (``<n>.f32`` plus
+    ``inputs.json`` with shapes), so any other ONNX runtime can be checked against these probabilities.
+    """
+    inputs = expand_inputs(bundle, inputs)
+    checks = modality_guard.check_inputs(inputs, bundle.expected_input, bundle.modality, allow_modality_mismatch)
     arrays = []
     for done, path in enumerate(inputs, 1):
         arrays.append(bundle.preprocess(path))
@@ -113,11 +155,29 @@ def predict_files(bundle: LoadedBundle, inputs: Sequence[str | os.PathLike], pro
     for j, name in enumerate(bundle.labels):
         frame[f"{name}_prob"] = probabilities[:, j]
         frame[f"{name}_label"] = (probabilities[:, j] >= bundle.thresholds[j]).astype(int)
+    frame["modality_check"] = [check.record() for check in checks]
     frame["model_version"] = bundle.metadata["model_version"]
     frame["trained_on_synthetic_data"] = bool(bundle.metadata.get("synthetic_data"))
+    signer = bundle.signer
+    frame["signer_fingerprint"] = signer.fingerprint if signer else None
+    frame["signer_source"] = signer.source if signer else None
     if save_inputs is not None:
         _save_inputs(Path(save_inputs), inputs, stacked)
     return frame
+
+
+def predictions_document(bundle: LoadedBundle, frame: pd.DataFrame) -> dict:
+    """``predict --format json``: the bundle, who signed it, labels, thresholds and one entry per input."""
+    labels = bundle.labels
+    return {"bundle": str(bundle.path), "model_version": bundle.metadata["model_version"],
+            "signer": bundle.signer.to_json_dict() if bundle.signer else None,
+            "synthetic_data": bool(bundle.metadata.get("synthetic_data")),
+            "labels": labels, "thresholds": {name: float(bundle.metadata["thresholds"][name]) for name in labels},
+            "inputs": [{"input": row["input"],
+                        "probabilities": {name: float(row[f"{name}_prob"]) for name in labels},
+                        "labels": {name: int(row[f"{name}_label"]) for name in labels},
+                        "modality_check": row["modality_check"]}
+                       for _, row in frame.iterrows()]}
 
 
 def _save_inputs(directory: Path, inputs, stacked: np.ndarray) -> None:
