@@ -8,6 +8,7 @@ them uses private validation labels outside DP, which the files state.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,9 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
     names = prepared.cohort.label_names
     validation, test = predict(model, prepared, "validation"), predict(model, prepared, "test")
     thresholds = {name: youden_threshold(validation[f"{name}_true"], validation[f"{name}_prob"]) for name in names}
+    not_evaluable = single_class_findings(validation, test, names)
+    for name, reasons in not_evaluable.items():
+        print(f"warning: {name}: {'; '.join(reasons)}", file=sys.stderr, flush=True)
 
     y = test[[f"{n}_true" for n in names]].to_numpy()
     p = test[[f"{n}_prob" for n in names]].to_numpy()
@@ -71,8 +75,9 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
                   "thresholds_chosen_on": "validation split (Youden index); private labels used outside DP"}
     metrics = {**provenance, "split": "test", "n": len(test),
                "bootstrap": {"redraws": redraws, "seed": seed, "interval": "percentile 95%"},
-               "mean": {"auroc": mean.estimate, "auroc_ci_low": mean.low, "auroc_ci_high": mean.high, **averaged},
-               "findings": findings}
+               "mean": {"auroc": mean.estimate, "auroc_ci_low": mean.low, "auroc_ci_high": mean.high, **averaged,
+                        "auroc_over": [n for n in names if "test" not in not_evaluable.get(n, {})]},
+               "findings": findings, "not_evaluable": not_evaluable}
     metrics["membership_inference"] = _audit(model, prepared, test, names, seed)
     report = {**provenance, "split": "test", "findings": list(names),
               "rows": json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
@@ -83,6 +88,23 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
     write_json_atomic(files.metrics, json_safe(metrics))
     write_json_atomic(files.fairness_report, report)
     return metrics
+
+
+def single_class_findings(validation: pd.DataFrame, test: pd.DataFrame, names) -> dict[str, dict[str, str]]:
+    """Per finding, the splits on which it holds a single class, and what that does to the results.
+
+    On validation the Youden threshold is undefined (it falls back to 0.5); on test the AUROC is
+    undefined, so the finding is left out of the mean AUROC, which ``mean.auroc_over`` lists."""
+    consequence = {"validation": "its threshold falls back to 0.5", "test": "its AUROC is undefined and left out of the mean"}
+    found: dict[str, dict[str, str]] = {}
+    for split, frame in (("validation", validation), ("test", test)):
+        for name in names:
+            values = frame[f"{name}_true"].to_numpy()
+            if len(values) and values.min() != values.max():
+                continue
+            holds = "no images" if not len(values) else ("only positives" if values.min() == 1 else "only negatives")
+            found.setdefault(name, {})[split] = f"the {split} split holds {holds} ({len(values)} image(s)): {consequence[split]}"
+    return found
 
 
 def _audit(model, prepared: PreparedData, test: pd.DataFrame, names, seed: int) -> dict:

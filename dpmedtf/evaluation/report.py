@@ -20,7 +20,7 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 table{border-collapse:collapse;margin:0.6em 0 1.4em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}.banner{background:#fff3cd;border:1px solid #e0c36a;
 padding:0.7em 1em;font-weight:600}.warn{color:#a15c00}img{max-width:100%;border:1px solid #ddd;margin:0.4em 0}
-h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}.note{color:#555;font-size:13px}
+h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}.note{color:#555;font-size:13px}.warning{color:#8a4b00;font-size:13px}
 tr.unreliable td{color:#8a8a8a;background:#f7f7f7}figure{margin:0.6em 0 1.2em}figcaption{color:#555;font-size:12px}"""
 
 
@@ -105,6 +105,20 @@ def _by_epsilon(members: list) -> list:
     return sorted(members, key=lambda m: (m.epsilon is None, m.epsilon or 0))
 
 
+def _not_evaluable_notes(members: list) -> list[str]:
+    """Which findings each mean covers, where a split held one class of a finding (older metrics: none)."""
+    notes = []
+    for m in members:
+        missing = m.metrics.get("not_evaluable") or {}
+        if missing:
+            covered = m.metrics["mean"].get("auroc_over", [])
+            details = "; ".join(f"{html.escape(name)}: {html.escape(', '.join(reasons.values()))}"
+                                for name, reasons in missing.items())
+            notes.append(f"<p class='warning'>{html.escape(m.name)}: the mean AUROC covers {len(covered)} finding(s) "
+                         f"({html.escape(', '.join(covered)) or 'none'}). {details}.</p>")
+    return notes
+
+
 def _models_table(members: list, audit: dict | None) -> list[str]:
     rows = []
     for m in _by_epsilon(members):
@@ -122,6 +136,7 @@ def _models_table(members: list, audit: dict | None) -> list[str]:
                     "membership-inference attack AUC ± SE (loss-threshold attacker)",
                     "membership-inference attack AUC ± SE (trained attacker)", "measured ε lower bound (canary audit)"],
                    rows),
+            *_not_evaluable_notes(members),
             "<p class='note'>Means are over findings. Sensitivity, specificity and accuracy at the Youden threshold "
             "chosen on the validation split, applied unchanged to test. Membership inference: training images "
             "(members) against test images; an attack AUC of 0.5 means the attacker cannot tell them apart.</p>"]

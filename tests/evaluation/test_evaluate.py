@@ -37,6 +37,14 @@ def test_contract_files_and_values_recompute_from_the_predictions(evaluated):
         y, p = predictions[f"{finding}_true"], predictions[f"{finding}_prob"]
         if 0 < y.sum() < len(y):
             assert metrics["findings"][finding]["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+        # A finding with one class on a split is said to be so, and the mean says which findings it covers.
+        one_class = {split: frame[f"{finding}_true"].nunique() < 2 for split, frame in
+                     (("validation", validation), ("test", predictions))}
+        stated = metrics["not_evaluable"].get(finding, {})
+        assert {split for split, single in one_class.items() if single} == set(stated)
+        assert (finding in metrics["mean"]["auroc_over"]) == (not one_class["test"])
+        for split in stated:
+            assert f"warning: {finding}: " in result.stderr and f"the {split} split holds only" in stated[split]
     report = json.loads((out / "fairness_report.json").read_text())
     assert report["synthetic_data"] is True
     keys = {"attribute", "group", "finding", "n", "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy",
@@ -121,3 +129,15 @@ def test_sweep_evaluation_writes_the_cross_epsilon_analysis_plots_and_report(tmp
     r = dp["auroc_vs_positives"]
     if r["r"] is not None:
         assert f"{r['r']:.2f} (p " in page
+
+
+def test_a_finding_with_one_class_on_a_split_is_named_with_its_consequence():
+    from dpmedtf.evaluation.evaluate import single_class_findings
+
+    validation = pd.DataFrame({"a_true": [0, 0, 0], "b_true": [0, 1, 1]})
+    test = pd.DataFrame({"a_true": [0, 1], "b_true": [1, 1]})
+    found = single_class_findings(validation, test, ["a", "b"])
+    assert found == {"a": {"validation": "the validation split holds only negatives (3 image(s)): its threshold falls "
+                                         "back to 0.5"},
+                     "b": {"test": "the test split holds only positives (2 image(s)): its AUROC is undefined and "
+                                   "left out of the mean"}}
