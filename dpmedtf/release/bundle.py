@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from dpmedtf.release.layout import (AUDIT_FILE, BUNDLE_FORMAT, CERTIFICATE_FILE,
                                     MODEL_CARD_JSON_FILE, MODEL_FILE, PREPROCESS_FILE, PUBLIC_KEY_FILE, SUMS_FILE,
                                     UNSUMMED)
 from dpmedtf.release.modality_guard import default_expected_input
-from dpmedtf.release.signing import fingerprint, sign_bundle
+from dpmedtf.release.signing import SIGNATURE_FILE, fingerprint, sign_bundle
 from dpmedtf.release.verify import verify_bundle
 
 
@@ -153,6 +154,8 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
     ``baseline_metrics``, the evaluation of the job's non-private model, gives the card its privacy–utility
     trade-off."""
     out = Path(out)
+    if finish_interrupted_release(out):
+        return out
     if out.exists():
         raise OutputExistsError(f"{out} already exists: a release is never overwritten. Choose another --out "
                                 "(or a new release.model_version)")
@@ -228,14 +231,62 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
         if audit_data is not None:
             (staging / AUDIT_FILE).write_bytes(audit_data)
         write_sums(staging)
-        sign_bundle(staging, private_key)
-        report = verify_bundle(staging, public_key)  # the release must pass what its consumers will run
+        # Signed beside the staged bundle, never inside it: a kill at any moment before the signature is
+        # moved in leaves nothing that verifies (see finish_interrupted_release).
+        pending = sign_bundle(staging, private_key, signature=workspace / PENDING_SIGNATURE)
+        report = verify_bundle(staging, public_key, signature=pending)  # what its consumers will run
         if not report.ok:
             raise DpmedtfError("internal error, the new bundle fails verification: " + "; ".join(report.failures))
         staging.chmod(0o755)  # a published bundle is for reading
         os.rename(staging, out)  # fails rather than replace if something created `out` meanwhile
+    _move_signature_in(pending, out)
     shutil.rmtree(workspace, ignore_errors=True)  # empty now; the bundle is published either way
     return out
+
+
+PENDING_SIGNATURE = "signature.pending"
+"""In a release's workspace: the new bundle's signature until the bundle has its final name."""
+
+
+def _workspaces(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.partial-*")) if out.parent.is_dir() else []
+
+
+def _move_signature_in(pending: Path, out: Path) -> None:
+    try:
+        os.replace(pending, out / SIGNATURE_FILE)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot move the signature into the bundle ({exc.strerror or exc}); the bundle "
+                          "is not signed. Free disk space or fix the folder's permissions, then release again "
+                          "(it finishes this bundle)") from None
+
+
+def finish_interrupted_release(out: Path) -> bool:
+    """Deals with what a killed release left beside ``out`` before a new release there; True when it
+    finished that release's bundle, which is then the release (the same bundle, signed once).
+
+    A release assembles and signs in a workspace ``.<out>.partial-*`` and keeps the signature outside the
+    bundle until the bundle has its final name, so a kill leaves either a workspace holding an unsigned
+    bundle (removed: nothing there verifies, and the release runs again from the start) or a bundle
+    renamed into place whose signature is still in the workspace (moved in here). A run directory has
+    one writer at a time (``run_lock``), so no workspace found here belongs to a live release."""
+    finished = False
+    for workspace in _workspaces(out):
+        pending = workspace / PENDING_SIGNATURE
+        if pending.is_file() and out.is_dir() and not (out / SIGNATURE_FILE).exists() \
+                and not (workspace / out.name).exists():
+            _move_signature_in(pending, out)
+            print(f"note: finished the release interrupted at {out}: its signature is now in place",
+                  file=sys.stderr, flush=True)
+            finished = True
+        else:
+            print(f"note: removed {workspace.name}, left by an interrupted release (it held no published bundle)",
+                  file=sys.stderr, flush=True)
+        shutil.rmtree(workspace, ignore_errors=True)
+    if out.is_dir() and not (out / SIGNATURE_FILE).exists():
+        raise DpmedtfError(f"{out} is an unsigned bundle that no interrupted release can finish (its signature "
+                           "is gone); remove it and release again")
+    return finished
 
 
 def _without_build_paths(certificate: dict) -> dict:

@@ -79,32 +79,36 @@ def _hashing_config():
     return hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=False)
 
 
-def sign_bundle(bundle: str | os.PathLike, private_key: str | os.PathLike, password: str | None = None) -> Path:
-    """Signs every file in ``bundle`` into ``bundle/model.sig``."""
+def sign_bundle(bundle: str | os.PathLike, private_key: str | os.PathLike, password: str | None = None,
+                signature: str | os.PathLike | None = None) -> Path:
+    """Signs every file in ``bundle`` into ``bundle/model.sig`` (or into ``signature``, outside the bundle,
+    for a release that moves it in only once the bundle has its final place)."""
     from model_signing import signing
 
     bundle, private_key = Path(bundle), Path(private_key)
+    signature = Path(signature) if signature is not None else bundle / SIGNATURE_FILE
     if not private_key.is_file():
         raise SigningError(f"signing key {private_key} not found; create one with `dpmedtf keygen` or set "
                            "release.private_key in the job")
     password = password if password is not None else os.environ.get(PASSWORD_ENVIRONMENT)
     try:
         signing.Config().use_elliptic_key_signer(private_key=private_key, password=password).set_hashing_config(
-            _hashing_config()).sign(bundle, bundle / SIGNATURE_FILE)
+            _hashing_config()).sign(bundle, signature)
     except (ValueError, TypeError) as exc:
         raise SigningError(f"cannot sign with {private_key}: {exc} (encrypted keys take their password from "
                            f"{PASSWORD_ENVIRONMENT})") from None
-    return bundle / SIGNATURE_FILE
+    return signature
 
 
-def verify_signature(bundle: str | os.PathLike, public_key: str | os.PathLike) -> None:
+def verify_signature(bundle: str | os.PathLike, public_key: str | os.PathLike,
+                     signature: str | os.PathLike | None = None) -> None:
     """Raises SigningError naming the cause unless ``bundle/model.sig`` is a valid signature by
     ``public_key`` over exactly the files now in ``bundle``."""
     from model_signing import verifying
 
     bundle, public_key = Path(bundle), Path(public_key)
     _load_public_key(public_key)
-    signature = bundle / SIGNATURE_FILE
+    signature = Path(signature) if signature is not None else bundle / SIGNATURE_FILE
     if not signature.is_file():
         raise SigningError(f"{signature}: signature file missing")
     try:

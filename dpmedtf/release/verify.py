@@ -33,7 +33,7 @@ from dpmedtf.release.certificate import check_consistency
 from dpmedtf.release.layout import (AUDIT_FILE, CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_CARD_JSON_FILE,
                                     MODEL_FILE, PUBLIC_KEY_FILE, REQUIRED_FILES, SUMS_FILE, UNSUMMED)
 from dpmedtf.resources import schema_problems
-from dpmedtf.release.signing import SigningError, fingerprint, verify_signature
+from dpmedtf.release.signing import SIGNATURE_FILE, SigningError, fingerprint, verify_signature
 from dpmedtf.release.trust import TRUST_DIR_ENVIRONMENT, TrustedKey, list_keys, trust_dir
 
 PUBLIC_KEY_ENVIRONMENT = "DPMEDTF_PUBLIC_KEY"
@@ -110,14 +110,15 @@ class VerificationReport:
 
 def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | None = None, *,
                   trusted_keys: Iterable[TrustedKey | str | os.PathLike] | None = None,
-                  integrity_only: bool = False) -> VerificationReport:
+                  integrity_only: bool = False, signature: str | os.PathLike | None = None) -> VerificationReport:
     """Runs every check on ``bundle``; the report lists what passed and every failure.
 
     The signature is checked with ``public_key``, else ``$DPMEDTF_PUBLIC_KEY``, else the trusted keys
     (``trusted_keys``: TrustedKey objects or key files; None means the user's trust store, see
     ``dpmedtf.release.trust``); without any, the report fails saying how to give the key. ``integrity_only``
     checks against the key inside the bundle instead: the report can then pass (``ok``) with
-    ``integrity_only`` set and ``signer_verified`` False.
+    ``integrity_only`` set and ``signer_verified`` False. ``signature``: the signature file when it is not
+    yet inside the bundle (the release checks its staged bundle so, before the signature is moved in).
     """
     bundle = Path(bundle)
     if integrity_only and public_key:
@@ -127,10 +128,11 @@ def verify_bundle(bundle: str | os.PathLike, public_key: str | os.PathLike | Non
     if not bundle.is_dir():
         report.failures.append(f"{bundle}: not a bundle directory")
         return report
+    required = [name for name in REQUIRED_FILES if signature is None or name != SIGNATURE_FILE]
     report.check("all bundle files present",
-                 [f"{name}: missing from the bundle" for name in REQUIRED_FILES if not (bundle / name).is_file()])
+                 [f"{name}: missing from the bundle" for name in required if not (bundle / name).is_file()])
     report.check("SHA256SUMS matches every file", _sum_problems(bundle))
-    _check_signature(bundle, public_key, trusted_keys, integrity_only, report)
+    _check_signature(bundle, public_key, trusted_keys, integrity_only, report, signature)
 
     documents = {}
     for name in (CERTIFICATE_FILE, FAIRNESS_FILE, METADATA_FILE, MODEL_CARD_JSON_FILE):
@@ -232,27 +234,28 @@ def _digest(path: Path) -> str | None:
         return None
 
 
-def _check_signature(bundle: Path, public_key, trusted_keys, integrity_only: bool, report: VerificationReport) -> None:
+def _check_signature(bundle: Path, public_key, trusted_keys, integrity_only: bool, report: VerificationReport,
+                     signature=None) -> None:
     environment = os.environ.get(PUBLIC_KEY_ENVIRONMENT)
     if integrity_only:
         if environment:  # the explicit request wins over the ambient setting, but not silently
             report.warnings.append(f"{PUBLIC_KEY_ENVIRONMENT} is set but an integrity-only check was asked for: "
                                    "the key inside the bundle was used instead")
-        _check_with_bundle_key(bundle, report)
+        _check_with_bundle_key(bundle, report, signature)
         return
     trusted = _trusted(trusted_keys, report)
     if public_key or environment:
         key, source = (public_key, SOURCE_PUBLIC_KEY) if public_key else (environment, SOURCE_ENVIRONMENT)
         try:
             report.key_fingerprint = fingerprint(key)
-            verify_signature(bundle, key)
+            verify_signature(bundle, key, signature)
         except SigningError as exc:
             report.failures.append(_short_signature_message(str(exc)))
             return
         known = next((k for k in trusted if k.fingerprint == report.key_fingerprint), None)
         _signed(report, Signer(report.key_fingerprint, known.name if known else Path(key).name, source))
     elif trusted:
-        _check_with_trusted_keys(bundle, trusted, report)
+        _check_with_trusted_keys(bundle, trusted, report, signature)
     else:
         claimed = _bundle_key_fingerprint(bundle)
         report.failures.append(
@@ -268,11 +271,11 @@ def _signed(report: VerificationReport, signer: Signer) -> None:
     report.passed.append(f"signature valid: signed by {signer.describe()}")
 
 
-def _check_with_bundle_key(bundle: Path, report: VerificationReport) -> None:
+def _check_with_bundle_key(bundle: Path, report: VerificationReport, signature=None) -> None:
     key = bundle / PUBLIC_KEY_FILE
     try:
         report.key_fingerprint = fingerprint(key)
-        verify_signature(bundle, key)
+        verify_signature(bundle, key, signature)
     except SigningError as exc:
         report.failures.append(_short_signature_message(str(exc)))
         return
@@ -299,13 +302,14 @@ def _trusted(trusted_keys, report: VerificationReport) -> list[TrustedKey]:
     return keys
 
 
-def _check_with_trusted_keys(bundle: Path, trusted: list[TrustedKey], report: VerificationReport) -> None:
+def _check_with_trusted_keys(bundle: Path, trusted: list[TrustedKey], report: VerificationReport,
+                             signature=None) -> None:
     """The signature must verify with one trusted key. model-signing compares the key with the signature's
     key hint before hashing any file, so trying a key that did not sign costs nothing; a key that matches
     the hint but fails is the answer (the bundle changed, or the signature is forged) and ends the search."""
     for key in trusted:
         try:
-            verify_signature(bundle, key.path)
+            verify_signature(bundle, key.path, signature)
         except SigningError as exc:
             if "Key mismatch" in str(exc):
                 continue
