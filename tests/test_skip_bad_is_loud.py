@@ -50,7 +50,10 @@ def test_quarantined_rows_are_printed_shown_and_recorded_in_the_ledger(tmp_path,
     # The ledger a DP run of this job starts with records them, for the certificate's data section.
     config = load_config(job)
     prepared = prepare_data(config, out)
-    notes = initial_ledger(config, plan_training(config, prepared), prepared, RunSecret.fresh(), None).notes
+    ledger = initial_ledger(config, plan_training(config, prepared), prepared, RunSecret.fresh(), None)
+    notes = ledger.notes
+    # … and lists publishing that count as a use of the private data outside DP.
+    assert [u["private_data_used"] for u in ledger.non_dp_uses if u["what"] == "quarantined rows"] == [True]
     assert notes["quarantined_rows"] == 1
     assert notes["quarantined_training_rows"] == int((prepared.quarantine["split"] == "train").sum())
 

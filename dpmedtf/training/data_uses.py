@@ -62,6 +62,12 @@ def initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData
         ledger = ledger.with_non_dp_use("data split", "patients assigned to train/validation/test by a split stratified "
                                         "on their labels (which patients are trained on depends on the labels)",
                                         private_data_used=True)
+    if len(prepared.quarantine):
+        # Which files were unreadable is a fact about the private data, published exactly (the count in the
+        # certificate, the list on the training machine): outside DP, like N itself, and said so.
+        ledger = ledger.with_non_dp_use("quarantined rows", "the number of manifest rows left out as unreadable "
+                                        "(data.skip_bad) is published exactly in the certificate's data section",
+                                        private_data_used=True)
     if config.training.class_weights == "inverse_frequency":
         ledger = ledger.with_non_dp_use("class weights", "inverse class frequencies counted exactly on the training "
                                         "labels (every example's loss depends on every training label)",
