@@ -44,7 +44,7 @@ class DataConfig:
     split_seed: int = option(0, "seed of the patient-wise split", ge=0)
     cache_dir: Optional[Path] = option(None, "where preprocessed images are cached (default: inside the run directory)")
     skip_bad: bool = option(False, "skip unreadable inputs, listing each in a quarantine CSV, instead of stopping; the count and the CSV are reported at the end of prepare and run, on the summary page and in the certificate")
-    accept_modalities: tuple[str, ...] = option(("CT",), "DICOM Modality codes a CT series may have (a series without a Modality element counts as 'unknown'); anything else (e.g. MR: no Hounsfield units) is refused. Widen it only for archives that label CT oddly")
+    accept_modalities: Optional[tuple[str, ...]] = option(None, "DICOM Modality codes an input may have; default by data.modality: [CR, DX] for radiographs, [CT] for volumes (a DICOM without a Modality element counts as 'unknown'). Anything else is refused: an MR series has no Hounsfield units, a CT slice or a secondary capture (OT) is no radiograph. Widen it only for archives that label their images oddly")
 
 
 @dataclass(frozen=True)

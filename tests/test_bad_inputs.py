@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,12 +23,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 from pydicom.data import get_testdata_file
 
 from dpmedtf.cli import main
 from dpmedtf.data import labels as L
+from tests.data.test_radiograph import jpeg_claiming, png_file, small_cr
 
 REAL_CR = Path(get_testdata_file("RG1_UNCR.dcm"))  # a real PA chest CR, 1955×1841
+REAL_CR_J2K = Path(get_testdata_file("RG1_J2KR.dcm"))  # the same, JPEG 2000 lossless
 CT_SLICE = Path(get_testdata_file("CT_small.dcm"))
 MR_SLICE = Path(get_testdata_file("MR_small.dcm"))
 
@@ -363,6 +369,102 @@ def _(ws):
                   [f"{manifest} line 4", "cut.dcm", "truncated", "--skip-bad"], left_empty=[cache])
 
 
+def prepare_case(ws, bad: Path, messages: list[str], *extra) -> Expect:
+    """``prepare`` of two good rows and ``bad`` on manifest line 4: the message names the line and the file."""
+    manifest = ws.manifest([*ws.cohort.iloc[:2].to_dict("records"), radiograph_row(bad, patient="BAD")])
+    cache = ws.tmp / "cache"
+    return Expect(["prepare", manifest, "--cache", cache, "--image-size", 32, *extra],
+                  [f"{manifest} line 4", str(bad), *messages], left_empty=[cache])
+
+
+@case("prepare-png-decompression-bomb")
+def _(ws):
+    # 20000 × 20000 in the header: refused from it, so nothing is decoded (the image data here is a stub).
+    bomb = png_file(ws.tmp / "bomb.png", 20000, 20000, idat=zlib.compress(b"\x00" * 64))
+    return prepare_case(ws, bomb, ["20000×20000 pixels", "decompression bomb", "was not decoded"])
+
+
+@case("prepare-dicom-bomb")
+def _(ws):
+    return prepare_case(ws, small_cr(ws.tmp / "bomb.dcm", Rows=9000, Columns=9000),
+                        ["DICOM header says 9000×9000 pixels", "8192×8192"])
+
+
+@case("prepare-dicom-rows-smaller-than-its-pixel-data")
+def _(ws):
+    return prepare_case(ws, small_cr(ws.tmp / "half-rows.dcm", Rows=64),
+                        ["pixel data has 32768 bytes", "64×128", "need 16384", "Rows or Columns is wrong"])
+
+
+@case("prepare-ct-slice-as-radiograph")
+def _(ws):
+    return prepare_case(ws, ws.write("ct.dcm", CT_SLICE.read_bytes()),
+                        ["DICOM is Modality CT (computed tomography), not CR or DX",
+                         "data.accept_modalities: [CR, DX, CT]"])
+
+
+@case("prepare-secondary-capture-as-radiograph")
+def _(ws):
+    return prepare_case(ws, ws.write("sc.dcm", Path(get_testdata_file("mlut_18.dcm")).read_bytes()),
+                        ["DICOM is Modality OT", "data.accept_modalities: [CR, DX, OT]"])
+
+
+@case("prepare-blank-dicom")
+def _(ws):
+    blank = small_cr(ws.tmp / "blank.dcm", PixelData=np.zeros((128, 128), np.int16).tobytes())
+    return prepare_case(ws, blank, ["blank image: every pixel has the same value"])
+
+
+@case("prepare-png-tensorflow-cannot-decode")
+def _(ws):
+    # Valid chunks and checksums around image data that is no zlib stream: TensorFlow's decoder finds it.
+    return prepare_case(ws, png_file(ws.tmp / "garbled.png", 64, 64, idat=b"not zlib data" * 20),
+                        ["corrupt PNG", "image data cannot be decoded"])
+
+
+@case("prepare-png-failing-its-checksum")
+def _(ws):
+    data = bytearray(png_file(ws.tmp / "ok.png", 64, 64).read_bytes())
+    data[45] ^= 0xFF  # inside the IDAT chunk
+    return prepare_case(ws, ws.write("damaged.png", bytes(data)), ["corrupt PNG", "IDAT chunk", "fails its checksum"])
+
+
+@case("prepare-symbolic-link-loop")
+def _(ws):
+    os.symlink(ws.tmp / "b.png", ws.tmp / "a.png")
+    os.symlink(ws.tmp / "a.png", ws.tmp / "b.png")
+    return prepare_case(ws, ws.tmp / "a.png", ["symbolic-link loop"])
+
+
+@case("prepare-directory-as-image")
+def _(ws):
+    (ws.tmp / "scan.png").mkdir()
+    return prepare_case(ws, ws.tmp / "scan.png", ["is a directory"])
+
+
+@case("prepare-fifo-as-image")
+def _(ws):
+    os.mkfifo(ws.tmp / "stream.png")  # never opened: reading a FIFO would block
+    return prepare_case(ws, ws.tmp / "stream.png", ["is a named pipe (FIFO), not a file"])
+
+
+@case("prepare-cache-under-a-file")
+def _(ws):
+    blocker = ws.write("cache", "a file where the cache folder should go")
+    manifest = ws.manifest(ws.cohort.iloc[:2])
+    return Expect(["prepare", manifest, "--cache", blocker / "sub", "--image-size", 32],
+                  [str(blocker / "sub"), "cannot create the cache directory", f"{blocker} is a file, not a folder"],
+                  untouched=[blocker])
+
+
+@case("run-out-under-a-file")
+def _(ws):
+    blocker = ws.write("runs", "a file where the run folder should go")
+    job = ws.job(ws.manifest(ws.cohort), pipeline={"stages": ["prepare"]})
+    return Expect(["run", job, "--out", blocker / "run"], [str(blocker / "run"), "cannot create the run directory"],
+                  untouched=[blocker])
+
+
 @case("prepare-empty-nifti-row")
 def _(ws):
     empty = ws.write("empty.nii.gz", b"")
@@ -414,7 +516,40 @@ def _(ws):
 @case("preprocess-corrupt-png")
 def _(ws):
     path = ws.write("broken.png", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
-    return preprocess_case(ws, "radiograph", path, [str(path), "cannot decode the image"])
+    return preprocess_case(ws, "radiograph", path, [str(path), "corrupt PNG", "header chunk (IHDR)"])
+
+
+@case("preprocess-png-image-data-tensorflow-cannot-decode")
+def _(ws):
+    path = png_file(ws.tmp / "garbled.png", 64, 64, idat=b"not zlib data" * 20)
+    return preprocess_case(ws, "radiograph", path, [str(path), "corrupt PNG", "image data cannot be decoded"])
+
+
+@case("preprocess-truncated-jpeg2000-dicom")
+def _(ws):
+    path = ws.write("j2k-cut.dcm", REAL_CR_J2K.read_bytes()[:3000])
+    return preprocess_case(ws, "radiograph", path, [str(path), "DICOM is truncated or damaged after its header",
+                                                    "ends inside its compressed pixel data"])
+
+
+@case("preprocess-dicom-cut-inside-its-header")
+def _(ws):
+    path = ws.write("header-cut.dcm", REAL_CR.read_bytes()[:1000])
+    return preprocess_case(ws, "radiograph", path, [str(path), "DICOM header is truncated or damaged",
+                                                    "file ends at byte 1000", "re-copy"])
+
+
+@case("preprocess-jpeg-decompression-bomb")
+def _(ws):
+    path = jpeg_claiming(ws.tmp / "huge.jpg", 30000, 30000)
+    return preprocess_case(ws, "radiograph", path, [str(path), "30000×30000 pixels", "decompression bomb"])
+
+
+@case("preprocess-blank-png")
+def _(ws):
+    path = ws.tmp / "blank.png"
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(path)
+    return preprocess_case(ws, "radiograph", path, [str(path), "blank image: every pixel has the same value"])
 
 
 @case("preprocess-refuses-to-overwrite")
@@ -766,11 +901,47 @@ def test_bad_input_fails_with_a_message_naming_the_problem(name, tmp_path, cohor
     out, err = capsys.readouterr()
     assert exit_info.value.code not in (0, None), out
     assert "Traceback" not in out + err
+    assert "function_node" not in err and "[Op:" not in err  # no TensorFlow internals
     if expect.args[0] != "verify":  # verify lists every failed check; everything else says one thing
-        assert err.startswith("dpmedtf: error: "), err
+        # (after any progress lines of the work done before the failure, e.g. "preparing: 2/3 (0.2 s)")
+        said = [line for line in err.splitlines() if not re.fullmatch(r"[\w ]+: \d+/\d+ \([\d.]+ s\)", line)]
+        assert said and said[0].startswith("dpmedtf: error: "), err
     for message in expect.messages:
         assert message in err, f"{message!r} missing from:\n{err}"
     for path, content in before.items():
         assert snapshot(path) == content, f"{path} was written or changed"
     for directory in expect.left_empty:
         assert not directory.exists() or not any(p.is_file() for p in directory.rglob("*")), f"{directory} not empty"
+
+
+def test_an_unreadable_image_is_named_and_with_skip_bad_quarantined(tmp_path, cohort_rows, capsys, monkeypatch):
+    import builtins
+    import errno
+
+    locked = png_file(tmp_path / "locked.png", 64, 64)
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: refuse this one to dpmedtf as the kernel refuses it to a user
+        real_open = builtins.open
+
+        def guarded_open(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(locked):
+                raise PermissionError(errno.EACCES, "Permission denied", str(locked))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", guarded_open)
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame([*cohort_rows.iloc[:2].to_dict("records"), radiograph_row(locked, patient="LOCKED")]).to_csv(
+        manifest, index=False)
+    reason = f"{locked}: cannot read the file (Permission denied); check its permissions"
+    for extra, code in (([], 1), (["--skip-bad"], 0)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["prepare", str(manifest), "--cache", str(tmp_path / "cache"), "--image-size", "32", *extra])
+        out, err = capsys.readouterr()
+        assert exit_info.value.code == code and "Traceback" not in out + err, err
+        if not extra:
+            assert f"{manifest} line 4: {reason}" in err and "--skip-bad" in err, err
+        else:
+            assert "quarantined 1 file(s)" in err, err
+            cache = Path(re.search(r"^cache: (.+)$", out, re.M).group(1))
+            quarantine = pd.read_csv(cache / "quarantine.csv")
+            assert quarantine[["line", "path", "reason"]].values.tolist() == [[4, str(locked), reason]]

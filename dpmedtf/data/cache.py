@@ -54,8 +54,9 @@ class PreprocessSpec:
     volume_shape: tuple[int, int, int] = volume.DEFAULT_VOLUME_SHAPE
     hu_window: tuple[float, float] = volume.DEFAULT_HU_WINDOW
     dicom_decoder: str = "tensorflow-io"
-    accept_modalities: tuple[str, ...] = volume.DEFAULT_ACCEPTED_MODALITIES
-    """DICOM Modality codes a CT series may have (data.accept_modalities)."""
+    accept_modalities: tuple[str, ...] | None = None
+    """DICOM Modality codes an input may have (data.accept_modalities); None: the modality's default, CR and DX
+    for radiographs, CT for volumes."""
 
     def __post_init__(self):
         if self.modality not in ("radiograph", "volume"):
@@ -68,15 +69,21 @@ class PreprocessSpec:
                               f"got {self.image_size}")
         if self.modality == "volume":
             volume.check_parameters(self.volume_shape, self.hu_window)
-        codes = tuple(str(code).strip().upper() for code in self.accept_modalities)
+        given = self.accept_modalities
+        if given is None:
+            given = (radiograph.DEFAULT_ACCEPTED_MODALITIES if self.modality == "radiograph"
+                     else volume.DEFAULT_ACCEPTED_MODALITIES)
+        codes = tuple(str(code).strip().upper() for code in given)
         if not codes or not all(codes):
-            raise ConfigError(f"data.accept_modalities must list DICOM Modality codes such as CT, got "
-                              f"{list(self.accept_modalities)}")
+            example = "CR, DX" if self.modality == "radiograph" else "CT"
+            raise ConfigError(f"data.accept_modalities must list DICOM Modality codes such as {example}, got "
+                              f"{list(given)}")
         object.__setattr__(self, "accept_modalities", codes)
 
     def as_dict(self) -> dict:
         if self.modality == "radiograph":
-            return {"modality": "radiograph", "image_size": self.image_size, "dicom_decoder": self.dicom_decoder, "steps": [
+            return {"modality": "radiograph", "image_size": self.image_size, "dicom_decoder": self.dicom_decoder,
+                    "accept_modalities": list(self.accept_modalities), "steps": [
                 "decode (air dark)", f"resize {self.image_size}x{self.image_size} bilinear antialiased",
                 "min-max to uint8", "histogram equalisation", "3 channels", "scale to [0, 1]"]}
         return {"modality": "volume", "volume_shape_hwd": list(self.volume_shape), "hu_window": list(self.hu_window),
@@ -125,7 +132,9 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
         cache_root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_root))
     except OSError as exc:
-        raise OutputError(f"{cache_root}: cannot create the cache directory ({exc.strerror or exc}); choose another "
+        blocker = _file_in_the_way(cache_root)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror or str(exc)
+        raise OutputError(f"{cache_root}: cannot create the cache directory ({reason}); choose another "
                           "--cache or data.cache_dir") from None
     with removed_on_failure(staging, lambda exc: f"{cache_root}: cannot write the cache ({exc.strerror or exc}); "
                                                  "free disk space or choose another --cache or data.cache_dir"):
@@ -154,6 +163,14 @@ def prepare(cohort: Cohort, spec: PreprocessSpec, cache_root: str | os.PathLike,
             shutil.rmtree(staging, ignore_errors=True)
     memo.save()
     return _load(directory, cohort, spec)
+
+
+def _file_in_the_way(directory: Path) -> Path | None:
+    """The path itself or the nearest existing parent, when that is not a folder (a directory cannot go there)."""
+    for candidate in (directory, *directory.parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 QUARANTINE_COLUMNS = ["row", "line", "path", "split", "reason"]
@@ -268,21 +285,30 @@ class _DigestMemo:
 def _fail(cohort: Cohort, index: int, reason: str, failed: dict, skip_bad: bool) -> None:
     if not skip_bad:
         raise DataError(f"{cohort.source} line {cohort.frame.loc[index, 'line']}: {reason}. Fix or remove the "
-                        "row, or run with --skip-bad to quarantine unreadable files and continue")
+                        "row, or run with --skip-bad (in a job: data.skip_bad: true) to quarantine unreadable files "
+                        "and continue")
     failed[index] = reason
 
 
 def _prepare_radiographs(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray, skip_bad: bool,
                          progress: Progress) -> dict[int, str]:
-    import tensorflow as tf
-
     failed: dict[int, str] = {}
     infos = {}
     for position, index in enumerate(cohort.frame.index):  # header-only checks, before any decoding
         try:
-            infos[position] = radiograph.inspect_radiograph(cohort.frame.loc[index, "path"], spec.dicom_decoder)
+            infos[position] = radiograph.inspect_radiograph(cohort.frame.loc[index, "path"], spec.dicom_decoder,
+                                                            spec.accept_modalities)
         except DataError as exc:
             _fail(cohort, index, str(exc), failed, skip_bad)
+    with radiograph.dcmtk_messages_captured():  # DCMTK's "W:" lines for every real CR stay off the console
+        _decode_radiographs(cohort, spec, array, skip_bad, progress, infos, failed)
+    return failed
+
+
+def _decode_radiographs(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray, skip_bad: bool, progress: Progress,
+                        infos: dict, failed: dict[int, str]) -> None:
+    import tensorflow as tf
+
     todo = sorted(infos)
     done = 0
     while todo:
@@ -292,19 +318,26 @@ def _prepare_radiographs(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray
 
         def decode_and_preprocess(position, path, decoder, rows, columns):
             raw = radiograph.decode(path, decoder, rows, columns)
-            return position, radiograph.preprocess(raw, spec.image_size), tf.shape(raw)
+            return (position, radiograph.preprocess(raw, spec.image_size), tf.shape(raw),
+                    tf.stack([tf.reduce_min(raw), tf.reduce_max(raw)]))
 
         dataset = dataset.map(decode_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True).prefetch(tf.data.AUTOTUNE)
         received = 0
         try:
-            for position, image, raw_shape in dataset:
+            for position, image, raw_shape, raw_range in dataset:
                 position = int(position)
                 received += 1
                 if int(tf.reduce_min(raw_shape)) < radiograph.MIN_SOURCE_PIXELS:
                     _fail(cohort, cohort.frame.index[position],
                           f"{infos[position].path}: image is {int(raw_shape[0])}×{int(raw_shape[1])} pixels; "
                           "too small to be a radiograph", failed, skip_bad)
+                    continue
+                low, high = (float(value) for value in raw_range.numpy())
+                try:
+                    radiograph.refuse_blank(infos[position].path, low, high)
+                except DataError as exc:
+                    _fail(cohort, cohort.frame.index[position], str(exc), failed, skip_bad)
                     continue
                 array[position] = image.numpy()
                 done += 1
@@ -313,12 +346,10 @@ def _prepare_radiographs(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray
         except tf.errors.OpError as exc:
             # Deterministic order: the element that failed is the one after the last received.
             position = todo[received]
-            message = radiograph.tf_error_text(exc)
+            info = infos[position]
             _fail(cohort, cohort.frame.index[position],
-                  f"{infos[position].path}: cannot decode the image with "
-                  f"{radiograph.DECODER_NAMES[infos[position].decoder]} ({message})", failed, skip_bad)
+                  radiograph.decode_failure(info, radiograph.decoder_error_text(info, exc)), failed, skip_bad)
             todo = todo[received + 1:]
-    return failed
 
 
 def _prepare_volumes(cohort: Cohort, spec: PreprocessSpec, array: np.ndarray, skip_bad: bool,

@@ -237,10 +237,19 @@ def detect_modality(path: str | Path) -> Modality:
     raise DataError(f"{path}: has neither an image_path (radiographs) nor a volume_path (CT) column")
 
 
+def _exists(path: str) -> bool:
+    """Whether a manifest's file is there; True when that cannot be known (``Path.exists`` raises PermissionError
+    for a folder on the way that may not be searched): preparing the row then names the real problem."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return True
+
+
 def check_files_exist(cohort: Cohort) -> None:
     """DataError listing every row whose image or volume does not exist (checked before any decoding)."""
     missing = [f"line {row.line}: {row.path} not found" for row in cohort.frame.itertuples()
-               if not Path(row.path).exists()]
+               if not _exists(row.path)]
     column = PATH_COLUMN[cohort.modality]
     _raise_problems(cohort.source, missing, f"fix {column} (relative paths are relative to the CSV's folder), "
                                             "remove the rows, or set data.skip_bad: true to quarantine them")

@@ -9,15 +9,21 @@ output is a *display* image: MONOCHROME1 already inverted so that air is dark (m
 data's RG1_UNCR). Transfer syntaxes tensorflow-io is not relied on for (RLE, big-endian, deflated,
 colour) go through pydicom, which applies the modality LUT and inverts MONOCHROME1 itself. Every
 DICOM is inspected with pydicom first: no pixel data, a truncated file or an implausible shape is
-refused there, because tensorflow-io decodes a truncated file without complaint.
+refused there, because tensorflow-io decodes a truncated file without complaint. DCMTK's "W:"/"E:" log
+lines, which it writes beneath Python on every decode of many real CRs, are kept off the console
+(``dcmtk_messages_captured``); decoder failures are reported in dpmedtf's words (``decode_failure``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -28,8 +34,9 @@ from dpmedtf.errors import DataError, OutputError
 # (release/preprocessing.py); they live in radiograph_files and stay importable from here.
 from dpmedtf.data.radiograph_files import (  # noqa: F401
     _JPEG_MAGIC, _NATIVE_SYNTAXES, _PNG_MAGIC, _TFIO_SYNTAXES, DECODER_NAMES, DECODER_PYDICOM, DECODER_TF_IMAGE,
-    DECODER_TFIO_DICOM, DEFAULT_IMAGE_SIZE, DICOM_DECODERS, MIN_SOURCE_PIXELS, SourceInfo, _dicom_source_info,
-    _inspect_dicom, decode_with_pydicom, inspect_radiograph)
+    DECODER_TFIO_DICOM, DEFAULT_ACCEPTED_MODALITIES, DEFAULT_IMAGE_SIZE, DICOM_DECODERS, MAX_SOURCE_PIXELS,
+    MIN_SOURCE_PIXELS, SourceInfo, _dicom_source_info, _inspect_dicom, decode_failure, decode_with_pydicom,
+    inspect_radiograph, refuse_blank)
 
 
 # --- decoding ----------------------------------------------------------------------------------------
@@ -129,17 +136,20 @@ def _rotate(images: tf.Tensor, angles: tf.Tensor) -> tf.Tensor:
 
 
 def preprocess_file(path: str | os.PathLike, image_size: int = DEFAULT_IMAGE_SIZE,
-                    dicom_decoder: str = "tensorflow-io") -> np.ndarray:
+                    dicom_decoder: str = "tensorflow-io",
+                    accept_modalities: tuple[str, ...] | None = None) -> np.ndarray:
     """One file through inspection, decoding and preprocessing: the uint8 (S, S) image the model sees
     (before channel expansion). The same code the training pipeline and ``dpmedtf predict`` use."""
-    info = inspect_radiograph(path, dicom_decoder)
+    info = inspect_radiograph(path, dicom_decoder, accept_modalities)
     try:
-        raw = decode(tf.constant(info.path), tf.constant(info.decoder), tf.constant(info.rows), tf.constant(info.columns))
+        with dcmtk_messages_captured():
+            raw = decode(tf.constant(info.path), tf.constant(info.decoder), tf.constant(info.rows),
+                         tf.constant(info.columns))
     except tf.errors.OpError as exc:
-        raise DataError(f"{path}: cannot decode the image with {DECODER_NAMES[info.decoder]} "
-                        f"({tf_error_text(exc)})") from None
+        raise DataError(decode_failure(info, decoder_error_text(info, exc))) from None
     if min(raw.shape) < MIN_SOURCE_PIXELS:
         raise DataError(f"{path}: image is {raw.shape[0]}×{raw.shape[1]} pixels; too small to be a radiograph")
+    refuse_blank(info.path, float(tf.reduce_min(raw)), float(tf.reduce_max(raw)))
     return preprocess(raw, image_size).numpy()
 
 
@@ -149,6 +159,70 @@ def tf_error_text(exc: tf.errors.OpError) -> str:
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
     text = re.sub(r"\s*\[Op:\w+\].*$", "", text).strip()
     return text or type(exc).__name__
+
+
+def decoder_error_text(info: SourceInfo, exc: tf.errors.OpError) -> str:
+    """The decoder and its reason for ``decode_failure``, in words a user can act on."""
+    text = tf_error_text(exc)
+    if "tensorflow-io decoded an unexpected shape" in text:
+        text = "it returned no image of the header's size"
+    return f"{DECODER_NAMES[info.decoder]}: {text}"
+
+
+# DCMTK (inside tensorflow-io) logs "W: …" and "E: …" lines straight to file descriptor 2 for header oddities
+# of many real CRs, e.g. "W: invalid value for 'PixelHeight' (0) ... assuming 1", once per decode.
+_DCMTK_LINE = re.compile(rb"^[WE]: ")
+
+
+@contextlib.contextmanager
+def dcmtk_messages_captured() -> Iterator[list[str]]:
+    """Keeps DCMTK's "W:"/"E:" lines off the console while decoding: file descriptor 2 is pointed at a pipe
+    whose reader passes everything else on to the real stderr as it arrives. Yields the captured lines.
+    fd 2 is restored on every exit, errors included."""
+    try:
+        sys.stderr.flush()  # Python's own buffered output goes out before the redirection
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to redirect (a closed descriptor): nothing to capture
+        yield []
+        return
+    read_end, write_end = os.pipe()
+    captured: list[str] = []
+
+    def emit(line: bytes) -> None:
+        if _DCMTK_LINE.match(line):
+            captured.append(line.decode(errors="replace").rstrip())
+            return
+        while line:
+            line = line[os.write(saved, line):]
+
+    def forward() -> None:
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    emit(line + b"\n")
+                if pending and not any(prefix.startswith(pending[:3]) for prefix in (b"W: ", b"E: ")):
+                    emit(pending)  # a partial line that is no DCMTK message: pass it on now
+                    pending = b""
+        if pending:
+            emit(pending)
+
+    reader = threading.Thread(target=forward, name="dcmtk-stderr", daemon=True)
+    reader.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield captured
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)  # drops the pipe's last write end: the reader drains it and stops
+        reader.join(timeout=10)
+        if not reader.is_alive():  # else a stray holder of the pipe keeps it open; leave the reader its fd
+            os.close(saved)
 
 
 def save_png(image: np.ndarray, out: str | os.PathLike) -> Path:

@@ -24,7 +24,7 @@ import numpy as np
 
 from dpmedtf.data.radiograph_files import (DECODER_NAMES, DECODER_PYDICOM, DECODER_TF_IMAGE, MIN_SOURCE_PIXELS,
                                            decode_image_like_tf, decode_like_tensorflow_io, decode_with_pydicom,
-                                           inspect_radiograph)
+                                           inspect_radiograph, refuse_blank)
 from dpmedtf.errors import DataError, DpmedtfError
 
 _F = np.float32
@@ -37,7 +37,8 @@ def decode_radiograph(path: str | os.PathLike, dicom_decoder: str = "tensorflow-
     colour → grey with TensorFlow's weights). DICOM: the modality LUT applied and MONOCHROME1 inverted,
     by the decoder training used for it (``dicom_decoder`` as recorded in the bundle): pydicom's
     max + min − x, or tensorflow-io's DCMTK rendering (values shifted to 0 … 2^bits − 1). Refuses a file
-    training would refuse with the same DataError, naming the file."""
+    training would refuse with the same DataError, naming the file, blank images included; the DICOM Modality
+    is left to ``predict``'s modality guard, which has its own override."""
     info = inspect_radiograph(path, dicom_decoder)
     if info.decoder == DECODER_TF_IMAGE:
         pixels = decode_image_like_tf(info.path)
@@ -47,6 +48,7 @@ def decode_radiograph(path: str | os.PathLike, dicom_decoder: str = "tensorflow-
         pixels = decode_like_tensorflow_io(info.path)
     if min(pixels.shape) < MIN_SOURCE_PIXELS:
         raise DataError(f"{path}: image is {pixels.shape[0]}×{pixels.shape[1]} pixels; too small to be a radiograph")
+    refuse_blank(str(path), pixels.min(), pixels.max())
     return pixels
 
 

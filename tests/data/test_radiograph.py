@@ -1,8 +1,10 @@
 """Radiographs: the paper's preprocessing on the real RG1_UNCR chest CR, every decoder path, every bad input."""
 
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ def test_real_chest_radiograph_through_the_cli(real_cr, tmp_path):
     result = subprocess.run([DPMEDTF, "preprocess", "radiograph", str(real_cr), "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "W:" not in result.stderr  # DCMTK's warnings about RG1's header are captured
     image = np.asarray(Image.open(out))
     assert image.shape == (512, 512, 3) and image.dtype == np.uint8
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
@@ -102,8 +105,41 @@ def test_rle_compressed_dicom_goes_through_pydicom(tmp_path):
                                   R.preprocess_file(get_testdata_file("CT_small.dcm"), 64))
 
 
+def png_file(path: Path, width: int, height: int, idat: bytes | None = None, bit_depth: int = 8) -> Path:
+    """A greyscale PNG written chunk by chunk: a gradient, or ``idat`` as its (compressed) image data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    if idat is None:
+        row = b"\x00" + bytes(range(width % 256)) + bytes(max(0, width - 256))
+        idat = zlib.compress(row * height)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def small_cr(path: Path, **header) -> Path:
+    """pydicom-data's CT_small (128×128, 16 bits, native) relabelled Modality CR, with ``header`` changed."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Modality = "CR"
+    for keyword, value in header.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    return path
+
+
+def jpeg_claiming(path: Path, width: int, height: int) -> Path:
+    """A real 40×40 JPEG whose frame header (SOF0) claims ``width`` × ``height`` pixels."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def bad_inputs(tmp_path: Path, real_cr: Path) -> dict[str, tuple[Path, str]]:
-    """The bad-input corpus: file → the reason its error must give."""
+    """The bad-input corpus: file → the reason its error must give (training and the consumer alike)."""
     cases = {}
     cases["missing"] = (tmp_path / "missing.png", "file not found")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -116,18 +152,53 @@ def bad_inputs(tmp_path: Path, real_cr: Path) -> dict[str, tuple[Path, str]]:
     data = real_cr.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     cases["truncated dicom"] = (truncated, "DICOM is truncated")
+    (tmp_path / "header-cut.dcm").write_bytes(data[:1000])  # has the DICM preamble, ends inside its header
+    cases["dicom cut inside its header"] = (tmp_path / "header-cut.dcm", "DICOM header is truncated or damaged")
+    j2k = Path(get_testdata_file("RG1_J2KR.dcm")).read_bytes()
+    (tmp_path / "j2k-cut.dcm").write_bytes(j2k[:3000])
+    cases["truncated jpeg 2000"] = (tmp_path / "j2k-cut.dcm", "ends inside its compressed pixel data")
     no_pixels = pydicom.dcmread(real_cr)
     del no_pixels.PixelData
     no_pixels.save_as(tmp_path / "nopixels.dcm")
     cases["dicom without pixel data"] = (tmp_path / "nopixels.dcm", "DICOM has no pixel data")
     cases["multi-frame"] = (copy_to(tmp_path, Path(get_testdata_file("emri_small.dcm")), "cine.dcm"), "has 10 frames")
+    cases["rows smaller than the pixel data"] = (small_cr(tmp_path / "half-rows.dcm", Rows=64),
+                                                 "Rows or Columns is wrong")
+    cases["dicom bomb"] = (small_cr(tmp_path / "bomb.dcm", Rows=9000, Columns=9000), "9000×9000 pixels")
+    cases["png bomb"] = (png_file(tmp_path / "bomb.png", 20000, 20000, idat=zlib.compress(b"\x00" * 64)),
+                         "20000×20000 pixels (400 megapixels), more than the 67 megapixels")
+    cases["jpeg bomb"] = (jpeg_claiming(tmp_path / "bomb.jpg", 30000, 30000), "decompression bomb")
     good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
     good.save(tmp_path / "good.png")
     png = (tmp_path / "good.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
-    cases["truncated png"] = (tmp_path / "cut.png", "cannot decode the image with tf.io")
+    cases["truncated png"] = (tmp_path / "cut.png", "PNG is truncated")
+    damaged = bytearray(png)
+    damaged[len(png) // 2] ^= 0xFF
+    (tmp_path / "damaged.png").write_bytes(bytes(damaged))
+    cases["png failing its checksum"] = (tmp_path / "damaged.png", "fails its checksum")
+    # Valid chunks around image data that is no zlib stream: only the decoder (TensorFlow / Pillow) finds it.
+    cases["corrupt png"] = (png_file(tmp_path / "corrupt.png", 64, 64, idat=b"not zlib data" * 20), "corrupt PNG")
+    good.save(tmp_path / "good.jpg")
+    jpeg = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    cases["truncated jpeg"] = (tmp_path / "cut.jpg", "JPEG is truncated")
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(tmp_path / "blank.png")
+    cases["blank png"] = (tmp_path / "blank.png", "blank image: every pixel has the same value")
+    blank = small_cr(tmp_path / "blank.dcm")
+    ds = pydicom.dcmread(blank)
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 100, np.int16).tobytes()
+    ds.save_as(blank)
+    cases["blank dicom"] = (blank, "blank image: every pixel has the same value")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "tiny.png")
     cases["tiny png"] = (tmp_path / "tiny.png", "too small to be a radiograph")
+    (tmp_path / "folder.png").mkdir()
+    cases["directory"] = (tmp_path / "folder.png", "is a directory")
+    os.mkfifo(tmp_path / "pipe.png")
+    cases["fifo"] = (tmp_path / "pipe.png", "is a named pipe (FIFO)")
+    os.symlink(tmp_path / "loop-b.png", tmp_path / "loop-a.png")
+    os.symlink(tmp_path / "loop-a.png", tmp_path / "loop-b.png")
+    cases["symbolic-link loop"] = (tmp_path / "loop-a.png", "symbolic-link loop")
     return cases
 
 
@@ -170,6 +241,42 @@ def test_skip_bad_quarantines_every_bad_file_and_counts_them(tmp_path, real_cr):
         assert len(listed) == 1 and reason in listed["reason"].iloc[0]
     assert cohort_table(prepared.cohort, prepared.quarantine).loc["quarantined (skipped)", "total"] == len(cases)
     np.testing.assert_array_equal(prepared.array[len(cases) + 1], R.preprocess_file(real_cr, 32))
+
+
+def test_prepare_takes_only_radiograph_modalities_unless_told(tmp_path):
+    # CR and DX by default (the synthetic cohort's DICOMs and pydicom-data's RG1 are CR: tested above); a CT
+    # slice or a secondary capture (OT) is refused naming the override, which then accepts it.
+    assert PreprocessSpec("radiograph").accept_modalities == ("CR", "DX")
+    assert PreprocessSpec("volume").accept_modalities == ("CT",)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(good)
+    for source, code in (("CT_small.dcm", "CT"), ("mlut_18.dcm", "OT")):
+        manifest = write_manifest(tmp_path, [good, Path(get_testdata_file(source))], f"{code}.csv")
+        cohort = load_manifest(manifest, "radiograph")
+        with pytest.raises(DataError) as info:
+            prepare(cohort, PreprocessSpec("radiograph", image_size=32), tmp_path / "cache")
+        message = str(info.value)
+        assert f"{manifest} line 3:" in message and f"DICOM is Modality {code}" in message, message
+        assert f"data.accept_modalities: [CR, DX, {code}]" in message, message
+        widened = PreprocessSpec("radiograph", image_size=32, accept_modalities=("CR", "DX", code.lower()))
+        assert len(prepare(cohort, widened, tmp_path / "cache").cohort.frame) == 2
+
+
+def test_dcmtk_warnings_stay_off_the_console_and_everything_else_passes(tmp_path, real_cr, capfd):
+    # tensorflow-io's DCMTK writes "W: invalid value for 'PixelHeight' (0) ... assuming 1" to fd 2 for RG1.
+    cohort = load_manifest(write_manifest(tmp_path, [real_cr]), "radiograph")
+    prepare(cohort, PreprocessSpec("radiograph", image_size=32), tmp_path / "cache")
+    assert "W:" not in capfd.readouterr().err
+    with R.dcmtk_messages_captured() as captured:
+        os.write(2, b"W: invalid value for 'PixelWidth' (0) ... assuming 1\nkept: not DCMTK\nE: broken\n")
+    os.write(2, b"after: fd 2 restored\n")
+    err = capfd.readouterr().err
+    assert captured == ["W: invalid value for 'PixelWidth' (0) ... assuming 1", "E: broken"]
+    assert "kept: not DCMTK\n" in err and "after: fd 2 restored" in err and "W:" not in err and "E:" not in err
+    with pytest.raises(ValueError), R.dcmtk_messages_captured():  # restored after an error too
+        raise ValueError
+    os.write(2, b"after an error\n")
+    assert "after an error" in capfd.readouterr().err
 
 
 def test_prepare_reuses_a_complete_cache_and_redoes_it_when_a_file_changes(synthetic_cohort, tmp_path):
