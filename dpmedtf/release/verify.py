@@ -246,11 +246,7 @@ def _check_signature(bundle: Path, public_key, trusted_keys, integrity_only: boo
     trusted = _trusted(trusted_keys, report)
     if public_key or environment:
         key, source = (public_key, SOURCE_PUBLIC_KEY) if public_key else (environment, SOURCE_ENVIRONMENT)
-        try:
-            report.key_fingerprint = fingerprint(key)
-            verify_signature(bundle, key, signature)
-        except SigningError as exc:
-            report.failures.append(_short_signature_message(str(exc)))
+        if not _signature_valid(bundle, key, signature, report):
             return
         known = next((k for k in trusted if k.fingerprint == report.key_fingerprint), None)
         _signed(report, Signer(report.key_fingerprint, known.name if known else Path(key).name, source))
@@ -266,18 +262,24 @@ def _check_signature(bundle: Path, public_key, trusted_keys, integrity_only: boo
             + ". To check integrity alone against the key inside the bundle, pass --integrity-only")
 
 
+def _signature_valid(bundle: Path, key, signature, report: VerificationReport) -> bool:
+    """Checks the signature with one key, recording its fingerprint, or the failure in the report."""
+    try:
+        report.key_fingerprint = fingerprint(key)
+        verify_signature(bundle, key, signature)
+    except SigningError as exc:
+        report.failures.append(_short_signature_message(str(exc)))
+        return False
+    return True
+
+
 def _signed(report: VerificationReport, signer: Signer) -> None:
     report.signer, report.key_fingerprint = signer, signer.fingerprint
     report.passed.append(f"signature valid: signed by {signer.describe()}")
 
 
 def _check_with_bundle_key(bundle: Path, report: VerificationReport, signature=None) -> None:
-    key = bundle / PUBLIC_KEY_FILE
-    try:
-        report.key_fingerprint = fingerprint(key)
-        verify_signature(bundle, key, signature)
-    except SigningError as exc:
-        report.failures.append(_short_signature_message(str(exc)))
+    if not _signature_valid(bundle, bundle / PUBLIC_KEY_FILE, signature, report):
         return
     report.signer = Signer(report.key_fingerprint, None, SOURCE_BUNDLE)
     report.passed.append(f"signature valid for the key inside the bundle ({report.key_fingerprint})")
