@@ -92,6 +92,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = option(0, "also checkpoint every this many steps (0: at each epoch end only)", ge=0)
     strategy: Literal["none", "mirrored", "multi_worker"] = option("none", "tf.distribute strategy: none (one device), mirrored (MirroredStrategy over training.devices) or multi_worker (MultiWorkerMirroredStrategy over the TF_CONFIG cluster); DP noise is added once per step globally")
     devices: Optional[tuple[str, ...]] = option(None, "with strategy: mirrored, the devices to replicate on, e.g. ['/gpu:0', '/gpu:1'] (default: every GPU, else the CPU)")
+    collective_timeout_seconds: int = option(600, "with strategy: multi_worker, how long a worker waits in a collective for the others before it stops, naming the lost worker (a machine that vanished from the network never resets its connection); re-launching every worker resumes from the chief's last checkpoint", ge=10)
     stop_at_budget: bool = option(False, "if the plan would exceed the ε budget, train only the steps that fit instead of refusing")
 
 

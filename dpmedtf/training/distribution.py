@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -58,11 +59,43 @@ def _create(training: TrainingConfig) -> tf.distribute.Strategy:
     if not cluster.get("cluster") or not cluster.get("task"):
         raise DpmedtfError("training.strategy: multi_worker needs TF_CONFIG with 'cluster' and 'task' set on every "
                            "worker (see README, 'Training on several machines')")
+    # Without a timeout a worker whose peer vanished (no connection reset) waits in a collective forever.
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=training.collective_timeout_seconds)
     try:
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except RuntimeError as exc:  # collective ops can only be configured before TensorFlow starts
         raise DpmedtfError(f"cannot join the TF_CONFIG cluster: {exc}. Create the strategy before TensorFlow runs "
                            f"anything (`dpmedtf train` does)") from exc
+
+
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                      tf.errors.AbortedError)
+"""What a collective raises on the surviving workers when one worker of the cluster is gone."""
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def lost_worker_message(error: tf.errors.OpError, timeout_seconds: int) -> str:
+    """The survivors' one line: which worker was lost (by its TF_CONFIG address), why, and how to resume."""
+    text = error.message or ""
+    task = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", text)
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster", {})
+    except json.JSONDecodeError:
+        cluster = {}
+    if task:
+        kind, index = task.group(1), int(task.group(2))
+        addresses = cluster.get(kind) or []
+        who = f"{kind} {index}" + (f" ({addresses[index]})" if index < len(addresses) else "")
+    else:
+        who = "another worker"
+    why = ("it did not answer within training.collective_timeout_seconds = "
+           f"{timeout_seconds} s" if isinstance(error, tf.errors.DeadlineExceededError)
+           else "its connection was lost (the process or its machine stopped)")
+    return (f"lost {who} of the training cluster: {why}. This worker stopped too. Re-launch every worker with the "
+            "same command: training resumes from the chief's last checkpoint with the same ledger")
 
 
 def _missing(devices) -> list[str]:

@@ -33,7 +33,8 @@ from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.training import checkpoints
 from dpmedtf.training.callbacks import CheckpointAndReport
 from dpmedtf.training.data_uses import class_weights, initial_ledger
-from dpmedtf.training.distribution import broadcast_from_chief, check_same_on_every_worker, is_chief, strategy_for
+from dpmedtf.training.distribution import (LOST_WORKER_ERRORS, broadcast_from_chief, check_same_on_every_worker,
+                                          is_chief, is_multi_worker, lost_worker_message, strategy_for)
 from dpmedtf.training.loop import EpochSchedule, distributed_epoch_dataset, run_epochs
 from dpmedtf.training.losses import weighted_bce_per_example
 from dpmedtf.training.network import build_network, check_pretraining_is_public
@@ -160,9 +161,14 @@ def _fit(config, plan, prepared, model, secret, ledger, schedule, out: ModelDir,
         noise = (functools.partial(noise_inputs, secret=secret, variables=variables, mechanism=plan.mechanism,
                                    secure_rng=config.privacy.secure_rng) if plan.dp else None)
         channels = int(model.network.input_shape[-1]) if prepared.spec.modality == "volume" else 1
-        run_epochs(model, schedule, lambda steps: distributed_epoch_dataset(
-            strategy, sampler, prepared, steps, augment=bool(config.training.augment), seed=config.training.seed,
-            volume_channels=channels, noise=noise), callbacks)
+        try:
+            run_epochs(model, schedule, lambda steps: distributed_epoch_dataset(
+                strategy, sampler, prepared, steps, augment=bool(config.training.augment), seed=config.training.seed,
+                volume_channels=channels, noise=noise), callbacks)
+        except LOST_WORKER_ERRORS as exc:
+            if not is_multi_worker(strategy):
+                raise
+            raise DpmedtfError(lost_worker_message(exc, config.training.collective_timeout_seconds)) from None
     steps_done = int(model.step_optimizer.iterations.numpy())
     if steps_done != schedule.stop_step:
         raise DpmedtfError(f"training ended at step {steps_done}, expected {schedule.stop_step}; the data pipeline "

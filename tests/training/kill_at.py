@@ -5,7 +5,8 @@
 POINT is where the process dies, with the file system as a real kill there leaves it:
 - ``model-save``: the final model file half written;
 - ``secret-erased``: after the last checkpoint erased the run's secret, before the model took its name;
-- ``checkpoint-write``: inside the second checkpoint's write, its state files half written.
+- ``checkpoint-write``: inside the second checkpoint's write, its state files half written;
+- ``after-first-checkpoint``: right after the first checkpoint (a worker of a cluster lost mid-training).
 The process kills itself (a real SIGKILL, no clean-up runs) rather than being killed from outside, so
 the point is exact however fast or slow the machine is.
 """
@@ -61,6 +62,16 @@ def _install(point: str) -> None:
             return result
 
         tf.train.Checkpoint.write = write_then_die
+    elif point == "after-first-checkpoint":  # e.g. one worker of a cluster, lost mid-training
+        from dpmedtf.training import callbacks
+
+        save = callbacks.save_checkpoint
+
+        def save_then_die(*args, **kwargs):
+            save(*args, **kwargs)
+            _die()
+
+        callbacks.save_checkpoint = save_then_die
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

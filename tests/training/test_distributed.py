@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,37 @@ def test_two_worker_cli_training_writes_only_from_the_chief(cohort_manifest, tmp
     # The same files as one process writes: no second TensorBoard event file, ledger or checkpoint.
     assert files_per_directory(out) == files_per_directory(single_device_run)
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["next_step"] == TRAINING["steps"]
+
+
+def test_a_lost_worker_stops_the_chief_naming_it_and_a_relaunch_resumes_to_the_same_run(cohort_manifest, tmp_path,
+                                                                                        single_device_run):
+    timeout = 60
+    job = job_file(tmp_path, cohort_manifest, PRIVACY, {**TRAINING, "strategy": "multi_worker",
+                                                        "collective_timeout_seconds": timeout})
+    out = tmp_path / "run"
+    envs = worker_envs(2, tmp_path)
+    # Worker 1 dies by SIGKILL right after the first checkpoint (step 2 of 4): a real lost worker.
+    commands = [[DPMEDTF, "train", str(job), "--out", str(out)],
+                [sys.executable, "-m", "tests.training.kill_at", "after-first-checkpoint", str(job), str(out)]]
+    processes = [subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for command, env in zip(commands, envs)]
+    try:
+        worker_output = processes[1].communicate(timeout=TIMEOUT)[0]
+        lost_at = time.monotonic()
+        chief_output = processes[0].communicate(timeout=timeout + 120)[0]
+        stopped_after = time.monotonic() - lost_at
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[1].returncode == -9, worker_output[-3000:]
+    assert processes[0].returncode == 1 and stopped_after <= timeout + 30, chief_output[-3000:]
+    address = json.loads(envs[1]["TF_CONFIG"])["cluster"]["worker"][1]
+    assert f"dpmedtf: error: lost worker 1 ({address}) of the training cluster" in chief_output, chief_output[-3000:]
+    assert "Re-launch every worker" in chief_output and "Traceback" not in chief_output
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["next_step"] == 2
+    # Both workers again, as the message says: the run finishes as if never interrupted.
+    run_together([[DPMEDTF, "train", str(job), "--out", str(out)]] * 2, worker_envs(2, tmp_path))
+    check_same_training(out, single_device_run)
 
 
 def test_workers_that_disagree_all_stop_with_the_same_error(tmp_path):
