@@ -310,6 +310,15 @@ def _policy_record(policy: ReleasePolicy) -> dict:
             "sha256": sha256_file(path), "rules": rules}
 
 
+def _expected_input(preprocessing: Mapping[str, Any]) -> dict:
+    """What predict's modality guard accepts: the modality's default, with the DICOM Modality codes the
+    model was trained on when the job widened them (data.accept_modalities)."""
+    expected = default_expected_input(preprocessing["modality"])
+    if preprocessing.get("accept_modalities"):
+        expected["dicom_modalities"] = list(preprocessing["accept_modalities"])
+    return expected
+
+
 def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: bytes, parity: dict,
               policy: ReleasePolicy, violations: Sequence[Violation], override_reason: str | None,
               model_version: str, public_key: Path) -> dict:
@@ -333,7 +342,7 @@ def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: 
         "thresholds_chosen_on": "validation split (Youden index)",
         "preprocessing": preprocessing,
         # What the inputs' headers must say; `dpmedtf predict` refuses others unless told to allow them.
-        "expected_input": default_expected_input(modality),
+        "expected_input": _expected_input(preprocessing),
         "model": {"architecture": candidate.training["config"]["model"]["architecture"],
                   "parameters": int(model.count_params()),
                   "activation": candidate.training["config"]["model"]["activation"]},

@@ -104,3 +104,14 @@ def test_a_folder_is_every_non_hidden_file_under_it_sorted(loaded, tmp_path):
     (tmp_path / "empty" / ".hidden").mkdir(parents=True)
     with pytest.raises(DataError, match=r"empty: folder holds no \(non-hidden\) files"):
         expand_inputs(loaded, [tmp_path / "empty"])
+
+
+def test_a_model_trained_on_widened_modalities_expects_them_at_predict():
+    """A job that set data.accept_modalities: [CR, DX, CT] released a model that takes CT-labelled images."""
+    from dpmedtf.release.bundle import _expected_input
+
+    widened = _expected_input({"modality": "radiograph", "accept_modalities": ["CR", "DX", "CT"]})
+    assert widened["dicom_modalities"] == ["CR", "DX", "CT"]
+    assert _expected_input({"modality": "radiograph"}) == RADIOGRAPH_EXPECTED_INPUT
+    assert check_input(CT_SLICE, widened, "radiograph").matches
+    assert check_input(CT_SLICE, RADIOGRAPH_EXPECTED_INPUT, "radiograph").mismatches == ("Modality CT, expected CR/DX",)
