@@ -312,8 +312,10 @@ def audit(config: Path = typer.Argument(..., help="The DP job YAML whose mechani
     from dpmedtf.evaluation.canary_audit import run_canary_audit
     from dpmedtf.progress import progress_bar
 
+    from dpmedtf.run_lock import RunLock
+
     job = load_config(config)
-    with progress_bar("preparing data", 1) as advance:
+    with RunLock(out, "dpmedtf audit"), progress_bar("preparing data", 1) as advance:
         result = run_canary_audit(job, out, kind=kind.value if kind else job.audit.kind,
                                   canaries=job.audit.canaries if canaries is None else canaries,
                                   confidence=job.audit.confidence if confidence is None else confidence,

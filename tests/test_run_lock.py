@@ -56,7 +56,7 @@ def test_a_second_writer_is_refused_naming_the_holder(held):
     assert not (run / "writer.lock").exists()
 
 
-@pytest.mark.parametrize("command", ["run", "train", "evaluate", "release"])
+@pytest.mark.parametrize("command", ["run", "train", "evaluate", "release", "audit"])
 def test_every_writing_command_refuses_a_run_directory_in_use(held, tmp_path, cohort_manifest, capsys, command):
     run, holder = held
     job = tmp_path / "job.yaml"
@@ -67,7 +67,8 @@ def test_every_writing_command_refuses_a_run_directory_in_use(held, tmp_path, co
                                    "pipeline": {"stages": ["prepare", "train"]}}))
     before = snapshot(run)
     args = {"run": ["run", job, "--out", run], "train": ["train", job, "--out", run],
-            "evaluate": ["evaluate", job, "--run", run], "release": ["release", job, "--run", run]}[command]
+            "evaluate": ["evaluate", job, "--run", run], "release": ["release", job, "--run", run],
+            "audit": ["audit", job, "--out", run]}[command]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in args])
