@@ -35,8 +35,9 @@ from dpmedtf.errors import DataError, OutputError
 from dpmedtf.data.radiograph_files import (  # noqa: F401
     _JPEG_MAGIC, _NATIVE_SYNTAXES, _PNG_MAGIC, _TFIO_SYNTAXES, DECODER_NAMES, DECODER_PYDICOM, DECODER_TF_IMAGE,
     DECODER_TFIO_DICOM, DEFAULT_ACCEPTED_MODALITIES, DEFAULT_IMAGE_SIZE, DICOM_DECODERS, MAX_SOURCE_PIXELS,
-    MIN_SOURCE_PIXELS, SourceInfo, _dicom_source_info, _inspect_dicom, decode_failure, decode_with_pydicom,
-    inspect_radiograph, refuse_blank)
+    MIN_SOURCE_PIXELS, SourceInfo, _dicom_source_info, _inspect_dicom, decode_failure, inspect_radiograph,
+    refuse_blank)
+from dpmedtf.data.radiograph_decoding import decode_with_pydicom  # noqa: F401  (training's pydicom decoder)
 
 
 # --- decoding ----------------------------------------------------------------------------------------

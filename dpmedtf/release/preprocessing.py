@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dpmedtf.data.radiograph_decoding import decode_image_like_tf, decode_like_tensorflow_io, decode_with_pydicom
 from dpmedtf.data.radiograph_files import (DECODER_NAMES, DECODER_PYDICOM, DECODER_TF_IMAGE, MIN_SOURCE_PIXELS,
-                                           decode_image_like_tf, decode_like_tensorflow_io, decode_with_pydicom,
                                            inspect_radiograph, refuse_blank)
 from dpmedtf.errors import DataError, DpmedtfError
 
