@@ -245,8 +245,9 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see `dpmedtf config
     with training_lock(out, job.training):
         with progress_bar("preparing data", 1) as advance:
             prepared = prepare_data(job, out, progress=advance)
-        if quarantine_note(prepared):
-            typer.echo(f"WARNING: {quarantine_note(prepared)}", err=True)
+        note = quarantine_note(prepared)
+        if note:
+            typer.echo(f"WARNING: {note}", err=True)
         for result in train_members(job, prepared, out, force=force):
             privacy = (f"ε = {result.ledger.epsilon():.4g} at δ = {result.plan.delta:g}" if result.ledger is not None
                        else "non-private")

@@ -257,15 +257,13 @@ class Pipeline:
         return {"prepared": self._prepare_data().directory.name}
 
     def _train(self, force: bool) -> dict:
-        from dpmedtf.training.trainer import train
+        from dpmedtf.training.trainer import train, training_finished
 
         prepared = self._prepare_data()
         outputs = {}
         for name, directory, member in self._members():
             summary = directory.training_record
-            finished = (summary.is_file()
-                        and read_json_object(summary, "the training summary").get("status") == "finished")
-            if finished and not force:
+            if training_finished(directory) and not force:
                 self.log(f"  {name}: finished earlier, kept")
             else:
                 self.log(f"  training {name}")

@@ -37,7 +37,7 @@ import pandas as pd
 from dpmedtf.data import radiograph, volume
 from dpmedtf.data.manifests import Cohort
 from dpmedtf.errors import ConfigError, DataError, OutputError, RecordError
-from dpmedtf.files import read_json_object, removed_on_failure, write_json_atomic
+from dpmedtf.files import read_json_object, removed_on_failure, sha256_file, write_json_atomic
 
 CACHE_FORMAT = 2
 """2: keyed by manifest paths and content digests; quarantine.csv names array rows."""
@@ -264,8 +264,7 @@ class _DigestMemo:
         if remembered is not None and remembered[:3] == signature:
             return remembered[3]
         try:
-            with open(path, "rb") as stream:
-                content = hashlib.file_digest(stream, "sha256").hexdigest()
+            content = sha256_file(path)
         except OSError as exc:
             return f"unreadable:{type(exc).__name__}"
         self.entries[path] = [*signature, content]

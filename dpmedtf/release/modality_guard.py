@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from dpmedtf.data import radiograph_files, volume
+from dpmedtf.data.radiograph_files import _JPEG_MAGIC, _PNG_MAGIC
 from dpmedtf.errors import DataError
 
 OVERRIDE_FLAG = "--allow-modality-mismatch"
 OK = "ok"
+# The modalities training accepts by default (data.accept_modalities) are the ones predict expects.
 # Chest radiographs arrive as CR or DX; BodyPartExamined is free text in practice, and German and other
 # European sites commonly write THORAX where US sites write CHEST.
-RADIOGRAPH_EXPECTED_INPUT = {"dicom_modalities": ["CR", "DX"],
+RADIOGRAPH_EXPECTED_INPUT = {"dicom_modalities": list(radiograph_files.DEFAULT_ACCEPTED_MODALITIES),
                              "photometric_interpretations": ["MONOCHROME1", "MONOCHROME2"],
                              "frames": 1, "body_parts": ["CHEST", "THORAX"]}
-VOLUME_EXPECTED_INPUT = {"dicom_modalities": ["CT"], "dimensions": 3}
-_PNG_MAGIC, _JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
+VOLUME_EXPECTED_INPUT = {"dicom_modalities": list(volume.DEFAULT_ACCEPTED_MODALITIES), "dimensions": 3}
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 

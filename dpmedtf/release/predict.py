@@ -1,9 +1,9 @@
 """Consumers' side of a bundle: load it verified, preprocess files exactly as training did, run ONNX.
 
 ``load`` refuses a bundle that fails verification, so every prediction dpmedtf makes comes from a
-model whose files, signature and certificate were checked first. Preprocessing is dpmedtf's own
-training code (``data.radiograph`` / ``data.volume``) driven by the spec stored in the bundle, so the
-model sees at prediction time exactly what it saw in training.
+model whose files, signature and certificate were checked first. Preprocessing (``preprocessing``, no
+TensorFlow) is driven by the spec stored in the bundle and tested equal to the training pipeline's, so
+the model sees at prediction time exactly what it saw in training.
 
 ``load`` needs the publisher's key (argument, ``DPMEDTF_PUBLIC_KEY`` or the trust store; see
 ``verify``), and before preprocessing ``predict_files`` checks each input's header against what the
@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from dpmedtf.errors import DataError, DpmedtfError, OutputError, OutputExistsError
+from dpmedtf.errors import DataError, OutputError, OutputExistsError
 from dpmedtf.release import modality_guard, onnx_model
 from dpmedtf.release.layout import CERTIFICATE_FILE, METADATA_FILE, MODEL_FILE
 from dpmedtf.release.trust import TrustedKey

@@ -112,10 +112,6 @@ def list_keys(directory: str | os.PathLike | None = None) -> list[TrustedKey]:
     return sorted(keys, key=lambda k: (k.name.lower(), k.fingerprint))
 
 
-def find_key(key_fingerprint: str, directory: str | os.PathLike | None = None) -> TrustedKey | None:
-    return next((k for k in list_keys(directory) if k.fingerprint == key_fingerprint), None)
-
-
 def remove_key(key_fingerprint: str, directory: str | os.PathLike | None = None) -> TrustedKey:
     """Removes the key with this fingerprint (``sha256:<hex>``, or an unambiguous start of ``<hex>`` of
     at least 8 digits) from the store."""
