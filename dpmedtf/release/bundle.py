@@ -183,7 +183,7 @@ def build_bundle(candidate: ReleaseCandidate, out: str | os.PathLike, policy: Re
 
     certificate_data = certificate_bytes(certificate)
     metadata = _metadata(candidate, certificate, certificate_data, parity, policy, violations, override_reason,
-                         model_version, public_key)
+                         model_version, public_key, job_name)
     # A radiograph bundle carries its preprocessing as an ONNX graph too, so that any ONNX runtime goes
     # from decoded pixels to the model's input without Python (preprocess_graph.py).
     preprocess_proto = None
@@ -321,14 +321,14 @@ def _expected_input(preprocessing: Mapping[str, Any]) -> dict:
 
 def _metadata(candidate: ReleaseCandidate, certificate: dict, certificate_data: bytes, parity: dict,
               policy: ReleasePolicy, violations: Sequence[Violation], override_reason: str | None,
-              model_version: str, public_key: Path) -> dict:
+              model_version: str, public_key: Path, job_name: str) -> dict:
     model = candidate.model
     preprocessing = candidate.training["preprocessing"]
     modality = preprocessing["modality"]
     labels = candidate.label_names
     return {
         "format": "dpmedtf-bundle", "format_version": BUNDLE_FORMAT,
-        "model_version": model_version, "dpmedtf_version": __version__,
+        "name": job_name, "model_version": model_version, "dpmedtf_version": __version__,
         "created_at": _datetime.datetime.now(_datetime.timezone.utc).isoformat(timespec="seconds"),
         "synthetic_data": bool(candidate.training.get("synthetic_data")),
         "task": ("multi-label classification of findings on chest radiographs" if modality == "radiograph"
