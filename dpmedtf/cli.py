@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import ExitStack, contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -487,12 +488,20 @@ def verify(bundle: Path = typer.Argument(..., help="Release bundle directory."),
         typer.echo(f"{bundle}: verified, signed by {report.signer.describe()}")
 
 
+_DICOMWEB = typer.Option(None, "--dicomweb", help="The archive's DICOMweb root, e.g. https://pacs.example.org/dicom-web.")
+_STUDY_DATE = typer.Option(None, "--study-date", help="Query: StudyDate or range as DICOM writes it, e.g. 20240101-20240131.")
+_MODALITY_QUERY = typer.Option(None, "--modality", help="Query: a modality in the study, e.g. CR or DX.")
+_CA_BUNDLE = typer.Option(None, "--ca-bundle", help="PEM file of the hospital's certificate authority, if the archive's "
+                                                    "TLS certificate is not publicly trusted (or DPMEDTF_DICOMWEB_CA_BUNDLE).")
+
+
 @app.command("predict")
 def predict(bundle: Path = typer.Argument(..., help="Release bundle directory."),
-            inputs: list[Path] = typer.Argument(..., help="DICOM/PNG/JPEG radiographs or folders of them (walked "
-                                                           "recursively), or NIfTI files / DICOM series folders for CT."),
+            inputs: Optional[list[Path]] = typer.Argument(None, help="DICOM/PNG/JPEG radiographs or folders of them "
+                                                                     "(walked recursively), or NIfTI files / DICOM series "
+                                                                     "folders for CT. Not with --dicomweb."),
             out: Optional[Path] = typer.Option(None, "--out", help="CSV of probabilities and thresholded labels "
-                                                                   "(required unless --format json)."),
+                                                                   "(required unless --format json or --sr-out)."),
             public_key: Optional[Path] = _PUBLIC_KEY, integrity_only: bool = _INTEGRITY_ONLY,
             allow_modality_mismatch: bool = typer.Option(
                 False, "--allow-modality-mismatch",
@@ -500,16 +509,31 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
                      "(e.g. a CT slice for a radiograph model); recorded per input in modality_check."),
             output_format: OutputFormat = _FORMAT,
             save_inputs: Optional[Path] = typer.Option(None, "--save-inputs", help="Also write each preprocessed input as raw float32 here."),
-            force: bool = typer.Option(False, "--force", help="Replace an existing --out file.")) -> None:
+            force: bool = typer.Option(False, "--force", help="Replace an existing --out file (and --sr-out reports)."),
+            dicomweb: Optional[str] = _DICOMWEB,
+            study: Optional[list[str]] = typer.Option(None, "--study", help="StudyInstanceUID to predict on (repeat for several)."),
+            series: Optional[list[str]] = typer.Option(None, "--series", help="SeriesInstanceUID to predict on (repeat for several)."),
+            study_date: Optional[str] = _STUDY_DATE, modality: Optional[str] = _MODALITY_QUERY,
+            sr_out: Optional[Path] = typer.Option(None, "--sr-out", help="Write one DICOM Comprehensive SR (TID 1500) "
+                                                                        "per study here (with --dicomweb)."),
+            store: bool = typer.Option(False, "--store", help="Store the SRs back into the archive (STOW-RS), once "
+                                                              "every study's results were produced."),
+            download_dir: Optional[Path] = typer.Option(None, "--download-dir", help="Keep the retrieved instances here "
+                                                                                    "(default: a temporary folder, removed)."),
+            ca_bundle: Optional[Path] = _CA_BUNDLE) -> None:
     """Verify the bundle, check the inputs' headers, preprocess as in training, run the model; CSV and/or JSON.
 
     The bundle must verify with the publisher's key, as for `verify`.
 
     Inputs whose DICOM/NIfTI header does not match the model's training data are refused (--allow-modality-mismatch).
 
+    From a hospital archive: --dicomweb URL with --study/--series UIDs or a query (--study-date, --modality);
+    credentials from DPMEDTF_DICOMWEB_TOKEN, or DPMEDTF_DICOMWEB_USER and DPMEDTF_DICOMWEB_PASSWORD.
+    --sr-out writes the results as DICOM SR, --store sends them to the archive.
+
     Exit status:
     0  done
-    1  an error: verification failed or no publisher key, an input refused or unreadable
+    1  an error: verification failed or no publisher key, an input refused or unreadable, an archive failure
     2  usage error
     3  done, but the bundle was checked only against the key inside it (--integrity-only): signer NOT verified
     """
@@ -519,21 +543,54 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
     from dpmedtf.release.verify import INTEGRITY_ONLY_NOTICE
 
     as_json = output_format is OutputFormat.json
-    if out is None and not as_json:
-        raise UsageError("--out is required (the CSV to write), unless --format json prints the predictions on stdout")
+    from_archive = dicomweb is not None
+    if from_archive and inputs:
+        raise UsageError("give either local INPUTS or --dicomweb with --study/--series/a query, not both")
+    if not from_archive:
+        if not inputs:
+            raise UsageError("name the inputs to predict on (files or folders), or an archive with --dicomweb URL --study UID")
+        used = [flag for flag, value in (("--study", study), ("--series", series), ("--study-date", study_date),
+                                         ("--modality", modality), ("--sr-out", sr_out), ("--store", store),
+                                         ("--download-dir", download_dir), ("--ca-bundle", ca_bundle)) if value]
+        if used:
+            raise UsageError(f"{', '.join(used)} need(s) --dicomweb URL (the archive's DICOMweb root)")
+    if out is None and not as_json and sr_out is None:
+        raise UsageError("--out is required (the CSV to write), unless --format json prints the predictions on stdout "
+                         "or --sr-out writes DICOM reports")
+    if from_archive and save_inputs is not None:
+        raise UsageError("--save-inputs works on local inputs; with --dicomweb keep the instances with --download-dir "
+                         "and predict on them locally")
     _refuse_key_and_integrity_only(public_key, integrity_only)
     if out is not None and out.exists() and not force:
         raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
-    check_inputs_exist(inputs)  # before the bundle's verification, which takes seconds
+    if from_archive:
+        from dpmedtf.data.dicomweb import DicomwebArchive
+        from dpmedtf.release.archive_predict import ArchiveSelection
+
+        selection = ArchiveSelection(studies=study or (), series=series or (), study_date=study_date, modality=modality)
+        archive = DicomwebArchive.from_environment(dicomweb, ca_bundle=ca_bundle)  # bad URL/credentials: before verifying
+    else:
+        check_inputs_exist(inputs)  # before the bundle's verification, which takes seconds
     loaded = load(bundle, public_key, integrity_only=integrity_only)
     for line in loaded.verification.warnings:
         typer.echo(f"note: {line}", err=True)
-    files = expand_inputs(loaded, inputs)
-    if as_json:  # the progress bar of a terminal draws on stdout, which belongs to the JSON document
-        frame = predict_files(loaded, files, None, save_inputs, allow_modality_mismatch=allow_modality_mismatch)
+    if from_archive:
+        from dpmedtf.release.archive_predict import predict_archive
+
+        with _staged_progress(quiet=as_json) as progress:
+            result = predict_archive(loaded, archive, selection, download_dir=download_dir, sr_out=sr_out, store=store,
+                                     force=force, allow_modality_mismatch=allow_modality_mismatch, progress=progress)
+        frame = result.frame
+        if result.skipped:
+            kinds = ", ".join(sorted({ref.modality or "?" for ref in result.skipped}))
+            typer.echo(f"note: skipped {len(result.skipped)} instance(s) that are not images ({kinds})", err=True)
     else:
-        with progress_bar("preprocessing", len(files)) as advance:
-            frame = predict_files(loaded, files, advance, save_inputs, allow_modality_mismatch=allow_modality_mismatch)
+        files = expand_inputs(loaded, inputs)
+        if as_json:  # the progress bar of a terminal draws on stdout, which belongs to the JSON document
+            frame = predict_files(loaded, files, None, save_inputs, allow_modality_mismatch=allow_modality_mismatch)
+        else:
+            with progress_bar("preprocessing", len(files)) as advance:
+                frame = predict_files(loaded, files, advance, save_inputs, allow_modality_mismatch=allow_modality_mismatch)
     if out is not None:
         write_predictions(frame, out, force)
     overridden = int(frame["modality_check"].str.startswith("overridden").sum())
@@ -543,6 +600,9 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
     positives = {name: int(frame[f"{name}_label"].sum()) for name in loaded.labels}
     summary = (f"wrote {out}: " if out is not None else "") + f"{len(frame)} input(s); positive calls per label " \
         f"{positives}; model signed by {loaded.signer.describe()}"
+    if from_archive:
+        summary += (f"\nwrote {len(result.written)} DICOM SR(s) to {sr_out}" if sr_out is not None else "") + \
+            (f"\nstored {len(result.stored)} DICOM SR(s) in {dicomweb}" if store else "")
     if as_json:
         typer.echo(json.dumps(predictions_document(loaded, frame), indent=2))
         typer.echo(summary, err=True)
@@ -551,6 +611,24 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
     if loaded.verification.integrity_only:
         typer.echo(f"{bundle}: {INTEGRITY_ONLY_NOTICE}", err=as_json)
         raise typer.Exit(EXIT_INTEGRITY_ONLY)
+
+
+@contextmanager
+def _staged_progress(quiet: bool = False):
+    """``progress(stage, done, total)`` with one bar (or a few lines) per stage, opened as each starts."""
+    from dpmedtf.progress import progress_bar
+
+    with ExitStack() as stack:
+        bars: dict = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if quiet:
+                return
+            if stage not in bars:
+                bars[stage] = stack.enter_context(progress_bar(stage, total))
+            bars[stage](done, total)
+
+        yield progress
 
 
 # --- trust store -------------------------------------------------------------------------------------

@@ -159,6 +159,12 @@ def _write_dicom(path: Path, image: np.ndarray, patient_id: str, sex: str, age: 
     ds = pydicom.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    # One study of one series per image, as an archive needs them to file it (deterministic like the rest).
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["study", meta.MediaStorageSOPInstanceUID])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["series", meta.MediaStorageSOPInstanceUID])
+    ds.AccessionNumber = path.stem.removeprefix("synthetic_")[:16]
+    ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
+    ds.StudyDate, ds.StudyTime = "20260101", "120000"
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
     ds.PatientName, ds.PatientID, ds.PatientSex = "SYNTHETIC^DEMO", patient_id, sex
     ds.PatientAge = f"{int(age):03d}Y"

@@ -29,6 +29,7 @@ from dpmedtf.release.trust import TrustedKey
 from dpmedtf.release.verify import BundleVerificationError, Signer, VerificationReport, verify_bundle
 
 BATCH_SIZE = 8
+ARCHIVE_COLUMNS = ("study_uid", "series_uid", "sop_instance_uid")  # where an input came from, when from an archive
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,7 @@ def predictions_document(bundle: LoadedBundle, frame: pd.DataFrame) -> dict:
             "synthetic_data": bool(bundle.metadata.get("synthetic_data")),
             "labels": labels, "thresholds": {name: float(bundle.metadata["thresholds"][name]) for name in labels},
             "inputs": [{"input": row["input"],
+                        **{uid: row[uid] for uid in ARCHIVE_COLUMNS if uid in frame.columns},
                         "probabilities": {name: float(row[f"{name}_prob"]) for name in labels},
                         "labels": {name: int(row[f"{name}_label"]) for name in labels},
                         "modality_check": row["modality_check"]}
