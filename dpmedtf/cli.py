@@ -33,6 +33,8 @@ app.add_typer(preprocess_app, name="preprocess")
 trust_app = typer.Typer(no_args_is_help=True, help="Publishers' public keys you trust: `verify` and `predict` check "
                                                   "bundles against them and name the signer.")
 app.add_typer(trust_app, name="trust")
+data_app = typer.Typer(no_args_is_help=True, help="Cohorts from a hospital archive (DICOMweb) into local files and a manifest.")
+app.add_typer(data_app, name="data")
 
 
 class AccountantChoice(str, Enum):
@@ -629,6 +631,57 @@ def _staged_progress(quiet: bool = False):
             bars[stage](done, total)
 
         yield progress
+
+
+# --- cohorts from an archive --------------------------------------------------------------------------
+
+@data_app.command("export-manifest")
+def data_export_manifest(dicomweb: str = typer.Option(..., "--dicomweb", help="The archive's DICOMweb root, e.g. "
+                                                                              "https://pacs.example.org/dicom-web."),
+                         out: Path = typer.Option(..., "--out", help="Folder for the images and manifest.csv."),
+                         studies: Optional[Path] = typer.Option(None, "--studies", help="CSV with a study_uid column: the "
+                                                                                         "studies to export."),
+                         study_date: Optional[str] = _STUDY_DATE, modality: Optional[str] = _MODALITY_QUERY,
+                         labels: Optional[Path] = typer.Option(None, "--labels", help="CSV of the findings per study, "
+                                                                                       "joined on --join-on."),
+                         join_on: str = typer.Option("study_uid", "--join-on", help="Key of --labels: study_uid or "
+                                                                                     "accession_number."),
+                         accept_modality: Optional[list[str]] = typer.Option(
+                             None, "--accept-modality", help="Modalities to export (repeat; default CR and DX)."),
+                         ca_bundle: Optional[Path] = _CA_BUNDLE,
+                         force: bool = typer.Option(False, "--force", help="Replace an existing manifest.csv.")) -> None:
+    """Retrieve studies' radiographs and write a manifest that `dpmedtf prepare` accepts.
+
+    patient_id, sex and age come from the DICOM headers; the finding columns from --labels, else empty
+    for you to fill in. Credentials as for `predict --dicomweb`."""
+    from dpmedtf.data.archive_export import DEFAULT_MODALITIES, SKIPPED_FILE, export_manifest, read_study_list
+    from dpmedtf.data.dicomweb import DicomwebArchive
+
+    if studies is None and not (study_date or modality):
+        raise UsageError("name the studies: --studies UIDS.csv, or a query with --study-date and/or --modality")
+    archive = DicomwebArchive.from_environment(dicomweb, ca_bundle=ca_bundle)
+    uids = read_study_list(studies) if studies is not None else []
+    if study_date or modality:
+        uids += [uid for uid in archive.find_studies(study_date=study_date, modality=modality) if uid not in uids]
+    with _staged_progress() as progress:
+        exported = export_manifest(archive, uids, out, labels_csv=labels, join_on=join_on,
+                                   accept_modalities=tuple(accept_modality or DEFAULT_MODALITIES), force=force,
+                                   progress=progress)
+    typer.echo(f"wrote {exported.manifest}: {exported.images} image(s) from {exported.studies} stud(ies)")
+    if exported.skipped:
+        typer.echo(f"note: {len(exported.skipped)} instance(s) not exported (other modality or not an image), "
+                   f"listed in {out / SKIPPED_FILE}", err=True)
+    if exported.incomplete_demographics:
+        typer.echo(f"note: {len(exported.incomplete_demographics)} row(s) have no sex or age in their header; fill "
+                   "them in before `dpmedtf prepare`", err=True)
+    if labels is None:
+        typer.echo("note: the finding columns are empty; fill them in (or pass --labels) before `dpmedtf prepare`",
+                   err=True)
+    elif exported.unlabelled_studies:
+        typer.echo(f"note: {len(exported.unlabelled_studies)} stud(ies) have no row in {labels} (their finding columns "
+                   f"are empty), e.g. {exported.unlabelled_studies[0]}", err=True)
+    if exported.unused_label_rows:
+        typer.echo(f"note: {exported.unused_label_rows} row(s) of {labels} match no exported study", err=True)
 
 
 # --- trust store -------------------------------------------------------------------------------------
