@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from requests.adapters import HTTPAdapter
+
 from dpmedtf.errors import DataError
 
 TOKEN_VARIABLE = "DPMEDTF_DICOMWEB_TOKEN"
@@ -116,7 +118,9 @@ class DicomwebArchive:
             if not Path(self.ca_bundle).is_file():
                 raise ArchiveError(f"{self.ca_bundle}: CA bundle not found; give the PEM file of the hospital's "
                                    "certificate authority")
-            session.verify = str(self.ca_bundle)
+            # Not session.verify: requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override that (and many
+            # machines set them to the system store), so the adapter puts the CA on every https request.
+            session.mount("https://", _VerifyWith(str(self.ca_bundle)))
         self._client = DICOMwebClient(self.url, session=session,
                                       timeout=(self.retry.connect_timeout_seconds, self.retry.read_timeout_seconds))
         self._client.set_http_retry_params(retry=False)  # retries are ours: bounded, and only where they can help
@@ -177,6 +181,11 @@ class DicomwebArchive:
 
     # --- retrieving and storing ---------------------------------------------------------------------
 
+    def address(self, ref: InstanceRef, series: bool = False) -> str:
+        """The WADO-RS URL of an instance (or of its series): where a result came from."""
+        where = f"{self.url}/studies/{ref.study_uid}/series/{ref.series_uid}"
+        return where if series else f"{where}/instances/{ref.sop_uid}"
+
     def retrieve(self, ref: InstanceRef):
         """The instance as a pydicom Dataset (its original transfer syntax)."""
         return self._request(f"instance {ref.sop_uid} (series {ref.series_uid}, study {ref.study_uid})",
@@ -226,9 +235,13 @@ class DicomwebArchive:
             try:
                 return call()
             except requests.exceptions.SSLError as exc:
-                raise ArchiveError(f"{self.url}: TLS certificate verification failed while fetching {what} ({_short(exc)}); "
-                                   f"if the archive uses the hospital's own certificate authority, give its PEM file "
-                                   f"with --ca-bundle or {CA_BUNDLE_VARIABLE}") from None
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    raise ArchiveError(f"{self.url}: TLS certificate verification failed while fetching {what}; if "
+                                       "the archive uses the hospital's own certificate authority, give its PEM file "
+                                       f"with --ca-bundle or {CA_BUNDLE_VARIABLE}") from None
+                raise ArchiveError(f"{self.url}: the TLS handshake failed while fetching {what} ({_short(exc)}); "
+                                   "check the URL's scheme and port (https:// for a TLS server, http:// only for "
+                                   "one without TLS)") from None
             except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 problem = (f"the archive did not answer in time ({_short(exc)})"
@@ -250,6 +263,18 @@ class DicomwebArchive:
                 wait *= 2
         raise ArchiveError(f"{self.url}: {problem} for {what}, {self.retry.attempts} attempt(s); check that the "
                            "server is running and the URL is right, then run again")
+
+
+class _VerifyWith(HTTPAdapter):
+    """Verifies TLS against one CA bundle, whatever the environment says."""
+
+    def __init__(self, ca_bundle: str):
+        super().__init__()
+        self.ca_bundle = ca_bundle
+
+    def send(self, request, **kwargs):
+        kwargs["verify"] = self.ca_bundle
+        return super().send(request, **kwargs)
 
 
 def _refused_message(url: str, what: str, status: int, credentials) -> str:

@@ -25,7 +25,7 @@ import pandas as pd
 from dpmedtf.data.dicomweb import ArchiveError, DicomwebArchive, InstanceRef
 from dpmedtf.errors import DataError
 from dpmedtf.release import structured_report
-from dpmedtf.release.predict import LoadedBundle, predict_files
+from dpmedtf.release.predict import ARCHIVE_COLUMNS, LoadedBundle, predict_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,14 +102,20 @@ def predict_archive(bundle: LoadedBundle, archive: DicomwebArchive, selection: A
     if not images:
         raise DataError(f"{archive.url}: {selection.describe()} hold(s) no images, only {len(skipped)} non-image "
                         f"instance(s) ({', '.join(sorted({r.modality or '?' for r in skipped}))}); nothing to predict on")
+    if not allow_modality_mismatch:
+        _refuse_other_modalities(archive, images, bundle.expected_input)
     with _download_folder(download_dir) as folder:
         paths = archive.download(images, folder, (lambda d, n: progress("retrieving", d, n)) if progress else None)
         inputs, sources = _inputs_of(bundle, images, paths)
         frame = predict_files(bundle, inputs, (lambda d, n: progress("preprocessing", d, n)) if progress else None,
                               allow_modality_mismatch=allow_modality_mismatch)
-        frame.insert(1, "study_uid", [refs_[0].study_uid for refs_ in sources])
-        frame.insert(2, "series_uid", [refs_[0].series_uid for refs_ in sources])
-        frame.insert(3, "sop_instance_uid", [refs_[0].sop_uid if len(refs_) == 1 else "" for refs_ in sources])
+        # The source is the archive's address of the instance (or series), not the temporary copy.
+        frame["input"] = [archive.address(refs_[0], series=len(refs_) > 1) for refs_ in sources]
+        uids = {"study_uid": [refs_[0].study_uid for refs_ in sources],
+                "series_uid": [refs_[0].series_uid for refs_ in sources],
+                "sop_instance_uid": [refs_[0].sop_uid if len(refs_) == 1 else "" for refs_ in sources]}
+        for position, column in enumerate(ARCHIVE_COLUMNS, 1):
+            frame.insert(position, column, uids[column])
         headers = {path: _header(path) for path in paths}
         reports = _reports(bundle, frame, sources, dict(zip(images, paths)), headers)
     result = ArchivePrediction(frame=frame, reports=reports, skipped=skipped)
@@ -120,6 +126,20 @@ def predict_archive(bundle: LoadedBundle, archive: DicomwebArchive, selection: A
             archive.store([report], f"the report of study {study}")
             result.stored.append(study)
     return result
+
+
+def _refuse_other_modalities(archive: DicomwebArchive, images: list[InstanceRef], expected: dict) -> None:
+    """Before retrieving anything: a series whose archive record gives a modality the model was not trained
+    on is refused by its UIDs (the header check after retrieval still applies to what does come)."""
+    allowed = {m.upper() for m in expected.get("dicom_modalities") or ()}
+    if not allowed:
+        return
+    other = {(r.study_uid, r.series_uid, r.modality) for r in images if r.modality and r.modality.upper() not in allowed}
+    if other:
+        listed = "; ".join(f"series {series} of study {study} is {modality}" for study, series, modality in sorted(other))
+        raise DataError(f"{archive.url}: {len(other)} series are not what this model was trained on (DICOM Modality "
+                        f"{'/'.join(sorted(allowed))}): {listed}. Leave them out (--series), or pass "
+                        "--allow-modality-mismatch to predict anyway (recorded per input)")
 
 
 def _inputs_of(bundle: LoadedBundle, images: list[InstanceRef], paths: list[Path]):

@@ -27,7 +27,8 @@ def run(*args, tmp_path: Path, executable: str = "dpmedtf", **environment) -> su
 
 def test_consumer_modules_do_not_import_tensorflow():
     check = ("import sys, dpmedtf.release.verify, dpmedtf.release.predict, dpmedtf.release.trust, "
-             "dpmedtf.release.modality_guard, dpmedtf.cli; "
+             "dpmedtf.release.modality_guard, dpmedtf.release.archive_predict, dpmedtf.release.structured_report, "
+             "dpmedtf.data.dicomweb, dpmedtf.data.archive_export, dpmedtf.cli; "
              "assert 'tensorflow' not in sys.modules, 'TensorFlow imported'")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -194,3 +194,21 @@ def test_no_server_at_the_url_is_a_clear_error(bundle, keys, tmp_path):
     assert result.returncode == 1
     line = _error_line(result)
     assert url in line and "cannot reach the archive" in line and "study 1.2.3" in line
+
+
+def test_tls_is_verified_and_a_hospital_ca_is_given_by_file(bundle, keys, tmp_path):
+    server = OrthancServer(tmp_path / "orthanc", tls=True).start()
+    try:
+        server.upload([REAL_RADIOGRAPH])
+        study = _uid(REAL_RADIOGRAPH)
+        common = ("predict", bundle, "--dicomweb", server.url, "--study", study, "--public-key", keys / "publisher.pub")
+        refused = run(*common, "--out", tmp_path / "p.csv", tmp_path=tmp_path, **server.environment())
+        assert refused.returncode == 1 and not (tmp_path / "p.csv").exists()
+        line = _error_line(refused)
+        assert "TLS certificate verification failed" in line and "--ca-bundle" in line and study in line
+        trusted = run(*common, "--ca-bundle", server.ca_certificate, "--out", tmp_path / "p.csv", tmp_path=tmp_path,
+                      **server.environment())
+        assert trusted.returncode == 0, trusted.stderr
+        assert pd.read_csv(tmp_path / "p.csv")["input"].iloc[0].startswith(f"{server.url}/studies/{study}/series/")
+    finally:
+        server.stop()
