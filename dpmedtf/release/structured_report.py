@@ -15,9 +15,12 @@ Findings are coded in the local scheme ``99DPMEDTF`` (DICOM's convention for cod
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from dpmedtf.errors import OutputError, OutputExistsError
 
 CODING_SCHEME = "99DPMEDTF"
 SERIES_NUMBER = 9701  # far from scanners' own series numbers, so the SR sorts after the images
@@ -127,10 +130,6 @@ def _with_patient_and_study_modules(header):
 
 def write_report(report, directory: str | Path, force: bool = False) -> Path:
     """``DIR/<StudyInstanceUID>.sr.dcm``, written beside and renamed; an existing file only with ``force``."""
-    import os
-
-    from dpmedtf.errors import OutputError, OutputExistsError
-
     directory = Path(directory)
     path = directory / f"{report.StudyInstanceUID}.sr.dcm"
     if path.exists() and not force:
@@ -142,6 +141,8 @@ def write_report(report, directory: str | Path, force: bool = False) -> Path:
         report.save_as(partial, enforce_file_format=True)
         os.replace(partial, path)
     except OSError as exc:
+        if directory.is_dir():
+            partial.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc}); choose another --sr-out") from None
     return path
 
