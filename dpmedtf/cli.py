@@ -571,6 +571,7 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
 
         selection = ArchiveSelection(studies=study or (), series=series or (), study_date=study_date, modality=modality)
         archive = DicomwebArchive.from_environment(dicomweb, ca_bundle=ca_bundle)  # bad URL/credentials: before verifying
+        _warn_if_credentials_in_clear(archive)
     else:
         check_inputs_exist(inputs)  # before the bundle's verification, which takes seconds
     loaded = load(bundle, public_key, integrity_only=integrity_only)
@@ -613,6 +614,12 @@ def predict(bundle: Path = typer.Argument(..., help="Release bundle directory.")
     if loaded.verification.integrity_only:
         typer.echo(f"{bundle}: {INTEGRITY_ONLY_NOTICE}", err=as_json)
         raise typer.Exit(EXIT_INTEGRITY_ONLY)
+
+
+def _warn_if_credentials_in_clear(archive) -> None:
+    if archive.sends_credentials_in_clear:
+        typer.echo(f"warning: {archive.url} is plain http://: the archive credentials cross the network unencrypted; "
+                   "use its https:// address if it has one", err=True)
 
 
 @contextmanager
@@ -660,6 +667,7 @@ def data_export_manifest(dicomweb: str = typer.Option(..., "--dicomweb", help="T
     if studies is None and not (study_date or modality):
         raise UsageError("name the studies: --studies UIDS.csv, or a query with --study-date and/or --modality")
     archive = DicomwebArchive.from_environment(dicomweb, ca_bundle=ca_bundle)
+    _warn_if_credentials_in_clear(archive)
     uids = read_study_list(studies) if studies is not None else []
     if study_date or modality:
         uids += [uid for uid in archive.find_studies(study_date=study_date, modality=modality) if uid not in uids]

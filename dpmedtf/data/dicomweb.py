@@ -125,6 +125,15 @@ class DicomwebArchive:
                                       timeout=(self.retry.connect_timeout_seconds, self.retry.read_timeout_seconds))
         self._client.set_http_retry_params(retry=False)  # retries are ours: bounded, and only where they can help
 
+    @property
+    def sends_credentials_in_clear(self) -> bool:
+        """Credentials over plain http:// to a host other than this machine: anyone on the path reads them."""
+        from urllib.parse import urlsplit
+
+        host = urlsplit(self.url).hostname or ""
+        return (self.credentials is not None and self.url.startswith("http://")
+                and host not in ("localhost", "127.0.0.1", "::1"))
+
     @classmethod
     def from_environment(cls, url: str, *, ca_bundle: str | os.PathLike | None = None,
                          retry: RetryPolicy = RetryPolicy()) -> "DicomwebArchive":
@@ -252,7 +261,7 @@ class DicomwebArchive:
                 if status in (401, 403):
                     raise ArchiveError(_refused_message(self.url, what, status, self.credentials)) from None
                 if status == 404:
-                    raise ArchiveError(f"{self.url}: the archive has no {what} (HTTP 404); check the UID, and that "
+                    raise ArchiveError(f"{self.url}: the archive has no {what} (HTTP 404); check the UIDs or query, and that "
                                        "the URL is the DICOMweb root (e.g. …/dicom-web)") from None
                 if status not in RETRIABLE_STATUS:
                     raise ArchiveError(f"{self.url}: the archive answered HTTP {status} for {what}; "

@@ -55,3 +55,10 @@ def test_a_url_without_a_scheme_and_a_missing_ca_bundle_are_refused(tmp_path):
         DicomwebArchive("pacs.example.org/dicom-web")
     with pytest.raises(ArchiveError, match="CA bundle not found"):
         DicomwebArchive("https://pacs.example.org/dicom-web", ca_bundle=tmp_path / "missing.pem")
+
+
+def test_credentials_over_plain_http_to_another_host_are_flagged():
+    assert DicomwebArchive("http://pacs.example.org/dicom-web", ("u", "p")).sends_credentials_in_clear
+    assert not DicomwebArchive("https://pacs.example.org/dicom-web", ("u", "p")).sends_credentials_in_clear
+    assert not DicomwebArchive("http://127.0.0.1:8042/dicom-web", ("u", "p")).sends_credentials_in_clear
+    assert not DicomwebArchive("http://pacs.example.org/dicom-web").sends_credentials_in_clear
