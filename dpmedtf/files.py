@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,6 +30,26 @@ def removed_on_failure(staging: Path, failure: Callable[[OSError], str]) -> Iter
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_beside_and_rename(path: str | os.PathLike, write: Callable[[Path], None],
+                            failure: Callable[[OSError], str]) -> Path:
+    """``write(partial)`` fills ``.<name>.partial`` beside ``path``, which is then renamed into place, so
+    ``path`` is never half-written. On any failure the partial file is removed, and an OSError becomes an
+    OutputError with the message ``failure(error)``."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        os.replace(partial, path)
+    except BaseException as exc:
+        with suppress(OSError):
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(failure(exc)) from None
+        raise
+    return path
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:

@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from dpmedtf.data import labels as L
-from dpmedtf.data.dicomweb import DicomwebArchive, InstanceRef
+from dpmedtf.data.dicomweb import UID_COLUMNS, DicomwebArchive, InstanceRef
 from dpmedtf.errors import DataError, OutputExistsError
+from dpmedtf.files import write_beside_and_rename
 
 MANIFEST_FILE = "manifest.csv"
 SKIPPED_FILE = "skipped.csv"
 IMAGES_FOLDER = "images"
 JOIN_KEYS = ("study_uid", "accession_number")
-ARCHIVE_COLUMNS = ("study_uid", "series_uid", "sop_instance_uid", "accession_number")
+ARCHIVE_COLUMNS = (*UID_COLUMNS, "accession_number")
 DEFAULT_MODALITIES = ("CR", "DX")
 
 
@@ -112,7 +113,7 @@ def export_manifest(archive: DicomwebArchive, studies: Sequence[str], out: str |
         result.unused_label_rows = len(set(label_rows) - labelled)
     result.images = len(rows)
     _write_csv(manifest, ["image_path", "patient_id", "sex", "age", *L.FINDINGS, *ARCHIVE_COLUMNS], rows)
-    _write_csv(out / SKIPPED_FILE, ["study_uid", "series_uid", "sop_instance_uid", "modality", "reason"],
+    _write_csv(out / SKIPPED_FILE, [*UID_COLUMNS, "modality", "reason"],
                [{"study_uid": r.study_uid, "series_uid": r.series_uid, "sop_instance_uid": r.sop_uid,
                  "modality": r.modality, "reason": reason} for r, reason in result.skipped])
     return result
@@ -176,10 +177,11 @@ def _read_labels(path: Path, join_on: str) -> dict[str, dict]:
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, path)
+    def write(partial: Path) -> None:
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_beside_and_rename(path, write, lambda exc: f"{path}: cannot write ({exc.strerror or exc}); free disk "
+                                                     "space or choose another --out")

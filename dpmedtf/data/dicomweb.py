@@ -23,11 +23,15 @@ from typing import Callable, Iterable, Sequence
 from requests.adapters import HTTPAdapter
 
 from dpmedtf.errors import DataError
+from dpmedtf.files import write_beside_and_rename
 
 TOKEN_VARIABLE = "DPMEDTF_DICOMWEB_TOKEN"
 USER_VARIABLE = "DPMEDTF_DICOMWEB_USER"
 PASSWORD_VARIABLE = "DPMEDTF_DICOMWEB_PASSWORD"
 CA_BUNDLE_VARIABLE = "DPMEDTF_DICOMWEB_CA_BUNDLE"
+
+# Where an input came from, in predict's table and in an exported manifest.
+UID_COLUMNS = ("study_uid", "series_uid", "sop_instance_uid")
 
 # Whether a failed request may succeed if asked again. 408/429/502/503/504 are a busy or restarting
 # server; everything else (401 wrong credentials, 404 unknown UID, 400 bad query) will fail the same way.
@@ -316,7 +320,6 @@ def _instance_ref(entry: dict, study_uid: str) -> InstanceRef:
 
 
 def _save_atomically(dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    dataset.save_as(partial, enforce_file_format=True)
-    os.replace(partial, path)
+    write_beside_and_rename(path, lambda partial: dataset.save_as(partial, enforce_file_format=True), lambda exc: (
+        f"{path}: cannot write the retrieved instance ({exc.strerror or exc}); free disk space or choose another "
+        "folder"))

@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from dpmedtf.data.dicomweb import ArchiveError, DicomwebArchive, InstanceRef
+from dpmedtf.data.dicomweb import UID_COLUMNS, ArchiveError, DicomwebArchive, InstanceRef
 from dpmedtf.errors import DataError
 from dpmedtf.release import structured_report
-from dpmedtf.release.predict import ARCHIVE_COLUMNS, LoadedBundle, predict_files
+from dpmedtf.release.predict import LoadedBundle, predict_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,10 +114,9 @@ def predict_archive(bundle: LoadedBundle, archive: DicomwebArchive, selection: A
         uids = {"study_uid": [refs_[0].study_uid for refs_ in sources],
                 "series_uid": [refs_[0].series_uid for refs_ in sources],
                 "sop_instance_uid": [refs_[0].sop_uid if len(refs_) == 1 else "" for refs_ in sources]}
-        for position, column in enumerate(ARCHIVE_COLUMNS, 1):
+        for position, column in enumerate(UID_COLUMNS, 1):
             frame.insert(position, column, uids[column])
-        headers = {path: _header(path) for path in paths}
-        reports = _reports(bundle, frame, sources, dict(zip(images, paths)), headers)
+        reports = _reports(bundle, frame, sources, {ref: _header(path) for ref, path in zip(images, paths)})
     result = ArchivePrediction(frame=frame, reports=reports, skipped=skipped)
     if sr_out is not None:
         result.written = [structured_report.write_report(report, sr_out, force) for report in reports.values()]
@@ -158,11 +157,11 @@ def _header(path: Path):
     return pydicom.dcmread(path, stop_before_pixels=True)
 
 
-def _reports(bundle: LoadedBundle, frame: pd.DataFrame, sources, path_of: dict, headers: dict) -> dict:
+def _reports(bundle: LoadedBundle, frame: pd.DataFrame, sources, header_of: dict) -> dict:
     by_study: dict[str, list] = {}
     for (_, row), refs in zip(frame.iterrows(), sources):
         result = structured_report.ImageResult(
-            sources=[headers[path_of[ref]] for ref in refs],
+            sources=[header_of[ref] for ref in refs],
             probabilities={name: float(row[f"{name}_prob"]) for name in bundle.labels},
             calls={name: int(row[f"{name}_label"]) for name in bundle.labels})
         by_study.setdefault(row["study_uid"], []).append(result)

@@ -22,14 +22,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from dpmedtf.data.dicomweb import UID_COLUMNS
 from dpmedtf.errors import DataError, OutputError, OutputExistsError
+from dpmedtf.files import write_beside_and_rename
 from dpmedtf.release import modality_guard, onnx_model
 from dpmedtf.release.layout import CERTIFICATE_FILE, METADATA_FILE, MODEL_FILE
 from dpmedtf.release.trust import TrustedKey
 from dpmedtf.release.verify import BundleVerificationError, Signer, VerificationReport, verify_bundle
 
 BATCH_SIZE = 8
-ARCHIVE_COLUMNS = ("study_uid", "series_uid", "sop_instance_uid")  # where an input came from, when from an archive
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def predictions_document(bundle: LoadedBundle, frame: pd.DataFrame) -> dict:
             "synthetic_data": bool(bundle.metadata.get("synthetic_data")),
             "labels": labels, "thresholds": {name: float(bundle.metadata["thresholds"][name]) for name in labels},
             "inputs": [{"input": row["input"],
-                        **{uid: row[uid] for uid in ARCHIVE_COLUMNS if uid in frame.columns},
+                        **{uid: row[uid] for uid in UID_COLUMNS if uid in frame.columns},
                         "probabilities": {name: float(row[f"{name}_prob"]) for name in labels},
                         "labels": {name: int(row[f"{name}_label"]) for name in labels},
                         "modality_check": row["modality_check"]}
@@ -200,14 +201,6 @@ def write_predictions(frame: pd.DataFrame, out: str | os.PathLike, force: bool =
     out = Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
-    partial = out.with_name(f".{out.name}.partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(partial, index=False)
-        os.replace(partial, out)
-    except OSError as exc:
-        if partial.parent.is_dir():
-            partial.unlink(missing_ok=True)
-        raise OutputError(f"{out}: cannot write the predictions ({exc.strerror or exc}); choose another --out") from None
-    return out
+    return write_beside_and_rename(out, lambda partial: frame.to_csv(partial, index=False), lambda exc: (
+        f"{out}: cannot write the predictions ({exc.strerror or exc}); choose another --out"))
 

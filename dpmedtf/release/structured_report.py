@@ -15,12 +15,12 @@ Findings are coded in the local scheme ``99DPMEDTF`` (DICOM's convention for cod
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from dpmedtf.errors import OutputError, OutputExistsError
+from dpmedtf.errors import OutputExistsError
+from dpmedtf.files import write_beside_and_rename
 
 CODING_SCHEME = "99DPMEDTF"
 SERIES_NUMBER = 9701  # far from scanners' own series numbers, so the SR sorts after the images
@@ -135,16 +135,8 @@ def write_report(report, directory: str | Path, force: bool = False) -> Path:
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists (a report for study {report.StudyInstanceUID}); choose "
                                 "another --sr-out or pass --force to replace it")
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        report.save_as(partial, enforce_file_format=True)
-        os.replace(partial, path)
-    except OSError as exc:
-        if directory.is_dir():
-            partial.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc}); choose another --sr-out") from None
-    return path
+    return write_beside_and_rename(path, lambda partial: report.save_as(partial, enforce_file_format=True), lambda exc: (
+        f"{path}: cannot write the report ({exc.strerror or exc}); choose another --sr-out"))
 
 
 def read_report(dataset) -> dict:
