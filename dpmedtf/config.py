@@ -16,10 +16,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
+from dpmedtf.data import attributes, label_sets
 from dpmedtf.errors import ConfigError
 from dpmedtf.privacy.engines import engine_names
 
@@ -125,6 +126,45 @@ class AuditConfig:
     confidence: float = option(0.95, "confidence of the measured ε lower bound", gt=0.0, lt=1.0)
 
 
+@dataclass(frozen=True)
+class FindingConfig:
+    name: str = option("finding", "the finding's name: the model output, the metrics and the bundle's label")
+    column: Optional[str] = option(None, "manifest column holding it (default: name)")
+    rule: Literal["graded", "binary", "chexpert"] = option("binary", "how a cell becomes a label: graded (0–4 or grade names; present from first_positive_grade), binary (0/1, yes/no, true/false) or chexpert (1, 0, −1 uncertain, blank)")
+    uncertain: Optional[Literal["ones", "zeros", "ignore"]] = option(None, "an uncertain value (graded: the grade named 'uncertain'; chexpert: −1) counts as present (ones), absent (zeros) or not observed (ignore: it adds nothing to loss, class counts or metrics); default: the label set's, else zeros (chexpert rule: ignore)")
+    blank: Optional[Literal["zeros", "ignore", "error"]] = option(None, "an empty cell counts as absent (zeros), not observed (ignore) or is refused (error); default: the label set's, else error (chexpert rule: zeros)")
+    first_positive_grade: int = option(2, "graded: the lowest grade that counts as present (paper: 2, 'mild')", ge=1, le=4)
+    grade_names: Optional[tuple[str, ...]] = option(None, "graded: the names of grades 0–4 (default: negative, uncertain, mild, moderate, severe)")
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    SHORTHAND: ClassVar[str] = "preset"  # `labels: chexpert` means `labels: {preset: chexpert}`
+    preset: Optional[str] = option(None, "a named label set: uka-cxr (the paper's 8 graded findings; radiograph default), chexpert (the 14 CheXpert observations, CheXpert column names) or binary (one 0/1 column `label`; CT default)")
+    findings: Optional[tuple[FindingConfig, ...]] = option(None, "instead of a preset, the findings one by one, each with name, column and rule")
+    uncertain: Optional[Literal["ones", "zeros", "ignore"]] = option(None, "policy for uncertain values of every finding that does not set its own")
+    blank: Optional[Literal["zeros", "ignore", "error"]] = option(None, "policy for empty cells of every finding that does not set its own")
+
+
+@dataclass(frozen=True)
+class AttributeConfig:
+    SHORTHAND: ClassVar[str] = "column"  # `- race` means `- {column: race}`
+    column: str = option("sex", "manifest column of the sensitive attribute (sex, age, site, race, view_position, …)")
+    name: Optional[str] = option(None, "name of the attribute in the report (default: the column; a binned column: <column>_group, so age → age_group)")
+    bins: Optional[tuple[float, ...]] = option(None, "numeric column: bin edges, e.g. [0, 30, 60, 70, 80] → 0-29, 30-59, …, 80+ (age's default for radiographs: these paper bins)")
+    quantiles: Optional[int] = option(None, "numeric column: bin into this many quantile groups of the cohort (age's default for CT: 4)", ge=2, le=20)
+    required: bool = option(False, "refuse rows whose value is missing, instead of reporting them as the group 'unknown'")
+
+
+@dataclass(frozen=True)
+class FairnessConfig:
+    attributes: tuple[AttributeConfig, ...] = option(
+        (AttributeConfig(column="sex"), AttributeConfig(column="age")),
+        "sensitive attributes audited: manifest columns, categorical as they are, numeric binned (a plain name, or a mapping with column, bins/quantiles, required)")
+    intersections: tuple[tuple[str, str], ...] = option(
+        (("sex", "age_group"),), "pairs of attributes audited jointly, e.g. [race, sex]; [sex, age_group] is reported as sex_x_age")
+
+
 STAGES = ("prepare", "train", "audit", "evaluate", "release")
 DEFAULT_STAGES = ("prepare", "train", "evaluate", "release")
 """The audit stage trains a second (twin) model: a job asks for it in pipeline.stages."""
@@ -150,6 +190,8 @@ class JobConfig:
     evaluation: EvaluationConfig = option(EvaluationConfig(), "evaluation")
     audit: AuditConfig = option(AuditConfig(), "canary audit (`dpmedtf audit`, or the audit stage)")
     release: ReleaseConfig = option(ReleaseConfig(), "release bundle")
+    labels: LabelsConfig = option(LabelsConfig(), "which findings the model learns and how manifest values become labels")
+    fairness: FairnessConfig = option(FairnessConfig(), "the subgroups the fairness audit reports")
     pipeline: PipelineConfig = option(PipelineConfig(), "stages of `dpmedtf run`")
 
 
@@ -241,6 +283,8 @@ def _convert(value: Any, tp: Any, key_path: str, ctx: _Context, bounds: dict | N
 def _convert_dataclass(value: Any, cls: type, key_path: str, ctx: _Context) -> Any:
     if isinstance(value, cls):
         return value
+    if isinstance(value, str) and hasattr(cls, "SHORTHAND"):
+        value = {cls.SHORTHAND: value}
     if not isinstance(value, dict):
         raise ctx.fail(key_path, f"must be a mapping of settings, got {value!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -307,6 +351,8 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
     if (job.training.class_weights == "public_prior") != (job.training.class_prior is not None):
         raise ctx.fail("training.class_prior", "give class_prior (one prevalence per label) exactly when "
                                                "class_weights is public_prior")
+    _check_labels(job.labels, ctx)
+    _check_fairness(job, ctx)
     stages = job.pipeline.stages
     if not stages or list(stages) != [s for s in STAGES if s in stages]:
         raise ctx.fail("pipeline.stages", f"must be distinct stages in the order {list(STAGES)}, got {list(stages)}")
@@ -321,6 +367,58 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
             class_weights=job.training.class_weights or ("dp_counts" if dp else "inverse_frequency"),
             augment=(not dp and job.data.modality == "radiograph") if job.training.augment is None
             else job.training.augment))
+
+
+def _check_labels(labels: LabelsConfig, ctx: _Context) -> None:
+    if labels.preset is not None and labels.findings:
+        raise ctx.fail("labels", "give either preset or findings, not both")
+    if labels.preset is not None and labels.preset not in label_sets.preset_names():
+        raise ctx.fail("labels.preset", f"must be one of {', '.join(map(repr, label_sets.preset_names()))}, "
+                                        f"got {labels.preset!r} (or list the findings under labels.findings)")
+    for kind, values in (("name", [f.name for f in labels.findings or ()]),
+                         ("column", [f.column or f.name for f in labels.findings or ()])):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ctx.fail("labels.findings", f"each finding needs its own {kind}; {', '.join(repeated)} is repeated")
+    for i, finding in enumerate(labels.findings or ()):
+        where = f"labels.findings[{i}]"
+        if finding.name in FRAME_COLUMNS:
+            raise ctx.fail(f"{where}.name", f"{finding.name!r} is a column dpmedtf keeps for every row; name the "
+                                            "finding otherwise (its column may keep its name)")
+        names = finding.grade_names or label_sets.L.GRADE_NAMES
+        if finding.rule == "graded" and (len(names) < 2 or finding.first_positive_grade >= len(names)):
+            raise ctx.fail(f"{where}.first_positive_grade", f"must name one of the grades 1–{len(names) - 1}")
+        if finding.rule != "graded" and finding.grade_names is not None:
+            raise ctx.fail(f"{where}.grade_names", "applies to graded findings only")
+
+
+# Columns every cohort frame holds (manifests.Cohort); a finding or attribute may not take these names.
+FRAME_COLUMNS = frozenset({"path", "manifest_path", "patient_id", "age", "split", "line", "synthetic", "image_id"})
+
+
+def _check_fairness(job: JobConfig, ctx: _Context) -> None:
+    spec = attributes.from_config(job.fairness, job.data.modality)
+    finding_names = set(label_sets.from_config(job.labels, job.data.modality).names)
+    for i, (item, attribute_) in enumerate(zip(job.fairness.attributes, spec.attributes)):
+        where = f"fairness.attributes[{i}]"
+        if item.bins is not None and item.quantiles is not None:
+            raise ctx.fail(where, "give bins or quantiles, not both")
+        if item.bins is not None and list(item.bins) != sorted(set(item.bins)):
+            raise ctx.fail(f"{where}.bins", f"must be increasing, got {list(item.bins)}")
+        if attribute_.name in FRAME_COLUMNS | finding_names or (attribute_.name == "sex" and attribute_.numeric):
+            raise ctx.fail(f"{where}.name", f"{attribute_.name!r} is taken (a column dpmedtf keeps, or a finding); "
+                                            "give the attribute another name")
+        if item.column == "sex" and attribute_.numeric:
+            raise ctx.fail(where, "sex is categorical: remove bins/quantiles")
+    names = [a.name for a in spec.attributes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ctx.fail("fairness.attributes", f"each attribute needs its own name; {', '.join(repeated)} is repeated")
+    for i, pair in enumerate(job.fairness.intersections):
+        unknown = [n for n in pair if n not in names]
+        if unknown or pair[0] == pair[1]:
+            raise ctx.fail(f"fairness.intersections[{i}]", f"must pair two of the attributes {names}, got {list(pair)}"
+                           + (f" (a binned column is named <column>_group, e.g. age_group)" if unknown else ""))
 
 
 def config_to_dict(config: Any) -> Any:

@@ -59,8 +59,8 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def check_before_running(job: JobConfig) -> None:
     """Fails on anything in the job that would stop a later stage, before any stage runs."""
-    from dpmedtf.data.manifests import check_files_exist, load_manifest, require_split
-    from dpmedtf.training.job import sweep_members
+    from dpmedtf.data.manifests import check_files_exist, require_split
+    from dpmedtf.training.job import load_job_cohort, sweep_members
 
     data = job.data
     if job.training.strategy == "multi_worker" and "train" in job.pipeline.stages:
@@ -70,7 +70,7 @@ def check_before_running(job: JobConfig) -> None:
         raise ConfigError("data.manifest is required: give the path of the manifest CSV")
     if not Path(data.manifest).is_file():
         raise ConfigError(f"data.manifest: file not found: {data.manifest}")
-    cohort = load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)  # every row checked
+    cohort = load_job_cohort(job)  # every row checked
     if not data.skip_bad:
         check_files_exist(cohort)
     stages = job.pipeline.stages

@@ -229,12 +229,14 @@ def _(ws):
     return run_case(ws, ws.job(manifest), [str(manifest), "line 2: age 'sixty-four' is not a number"])
 
 
-@case("run-unknown-sex")
+@case("run-required-sex-missing")
 def _(ws):
     rows = ws.cohort.copy()
-    rows.loc[1, "sex"] = "X"
+    rows.loc[1, "sex"] = ""
     manifest = ws.manifest(rows)
-    return run_case(ws, ws.job(manifest), [str(manifest), "line 3: unknown sex 'X'"])
+    job = ws.job(manifest, fairness={"attributes": [{"column": "sex", "required": True}, "age"]})
+    return run_case(ws, job, [str(manifest), "line 3: sex '' is missing or not recognised",
+                              "fairness.attributes marks sex required"])
 
 
 @case("run-duplicate-image")

@@ -21,7 +21,9 @@ FIRST_POSITIVE_GRADE = 2
 AGE_BIN_EDGES: tuple[int, ...] = (0, 30, 60, 70, 80)
 AGE_GROUPS: tuple[str, ...] = ("0-29", "30-59", "60-69", "70-79", "80+")
 SEXES: tuple[str, ...] = ("F", "M")
-_SEX_ALIASES = {"f": "F", "female": "F", "w": "F", "m": "M", "male": "M"}
+_SEX_ALIASES = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M",
+                "o": "other", "other": "other", "x": "other", "d": "other", "diverse": "other", "non-binary": "other",
+                "nonbinary": "other", "intersex": "other"}
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                   "valid": "validation", "test": "test"}
@@ -51,11 +53,10 @@ def binary_label(grade: int) -> int:
     return int(grade >= FIRST_POSITIVE_GRADE)
 
 
-def parse_sex(value) -> str:
+def parse_sex_or_none(value) -> str | None:
+    """F, M or other from their usual spellings; None when the value is missing or not recognised."""
     text = str(value).strip().lower() if value is not None else ""
-    if text in _SEX_ALIASES:
-        return _SEX_ALIASES[text]
-    raise ValueError(f"unknown sex {value!r}; use F or M (female/male)")
+    return _SEX_ALIASES.get(text)
 
 
 def parse_split(value) -> str:

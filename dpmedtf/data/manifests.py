@@ -25,7 +25,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from dpmedtf.data import attributes, label_sets
 from dpmedtf.data import labels as L
+from dpmedtf.data.attributes import FairnessSpec
+from dpmedtf.data.label_sets import LabelSet
 from dpmedtf.errors import DataError
 
 Modality = Literal["radiograph", "volume"]
@@ -39,8 +42,10 @@ _OTHER_SEPARATORS = {";": "semicolons (;)", "\t": "tabs", "|": "vertical bars (|
 @dataclass(frozen=True)
 class Cohort:
     """A validated manifest. ``frame`` has one row per image (or volume) with absolute ``path`` (``..`` and
-    symbolic links resolved), ``manifest_path`` (as the CSV wrote it), ``patient_id``, ``sex``, ``age``,
-    ``age_group``, ``split``, one binary column per label, and ``line`` (the CSV line the row came from)."""
+    symbolic links resolved), ``manifest_path`` (as the CSV wrote it), ``patient_id``, ``sex``, ``age``
+    (NaN when unknown), ``age_group``, ``split``, a column per sensitive attribute holding its group, one
+    label column per finding (1.0, 0.0, or NaN where the label set ignores the entry), and ``line`` (the
+    CSV line the row came from)."""
 
     frame: pd.DataFrame
     modality: Modality
@@ -50,11 +55,16 @@ class Cohort:
     """True when the manifest marks every row synthetic (the demo cohort): reports must say so."""
     split_stratified_on_labels: bool = False
     """True when dpmedtf made the split (stratified on the labels), False when the manifest gave it."""
+    label_set: LabelSet | None = None
+    """How the manifest's cells became the labels (the job's ``labels:``)."""
+    fairness: FairnessSpec | None = None
+    """The attributes (columns of ``frame``) and intersections the fairness audit groups by."""
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name]
 
     def labels(self, rows: pd.DataFrame | None = None) -> np.ndarray:
+        """(n, L) float32: 1, 0, or NaN for an entry that is not observed (ignored)."""
         rows = self.frame if rows is None else rows
         return rows[list(self.label_names)].to_numpy(np.float32)
 
@@ -65,19 +75,29 @@ class Cohort:
 
 
 def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.1, 0.2),
-                  split_seed: int = 0) -> Cohort:
-    """Reads and validates a manifest; splits patient-wise when it has no ``split`` column."""
+                  split_seed: int = 0, *, label_set: LabelSet | None = None,
+                  fairness: FairnessSpec | None = None) -> Cohort:
+    """Reads and validates a manifest; splits patient-wise when it has no ``split`` column. ``label_set``
+    and ``fairness`` default to the modality's (UKA-CXR's graded findings or one binary label; sex, age)."""
     path = Path(path)
-    header, rows = _read_csv(path)
-    label_names = L.FINDINGS if modality == "radiograph" else ("label",)
-    required = [PATH_COLUMN[modality], "patient_id", "sex", "age", *label_names]
+    label_set = label_set or label_sets.preset(label_sets.default_preset(modality))
+    fairness = fairness or attributes.default_spec(modality)
+    extra_columns = [a.column for a in fairness.attributes if a.column not in ("sex", "age")]
+    header, rows = _read_csv(path, expected=(*label_set.columns, *extra_columns))
+    required = [PATH_COLUMN[modality], "patient_id", "sex", "age", *label_set.columns]
     missing = [c for c in required if c not in header]
     if missing:
         other = next((m for m, column in PATH_COLUMN.items() if m != modality and column in header), None)
         hint = (f" (its {PATH_COLUMN[other]} column makes it a {other} manifest: set data.modality: {other})"
                 if other else "")
+        labels_hint = (f"; the findings are those of the label set {label_set.name!r} (set labels: in the job for "
+                       "another)" if any(c in label_set.columns for c in missing) else "")
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {modality} manifest needs "
-                        f"{', '.join(required)} and optionally split{hint}")
+                        f"{', '.join(required)} and optionally split{hint}{labels_hint}")
+    absent = [c for c in extra_columns if c not in header]
+    if absent:
+        raise DataError(f"{path}: fairness.attributes names column(s) {', '.join(absent)}, which the manifest does "
+                        f"not have (its columns: {', '.join(header)}); add the column or remove the attribute")
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     width_problems = [f"line {line}: {len(values)} field(s) where the header has {len(header)} (a missing or "
@@ -86,6 +106,8 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
     _raise_problems(path, width_problems, "fix these rows")
     raw = pd.DataFrame([values for _, values in rows], columns=header, dtype=str)
     lines = [line for line, _ in rows]
+    numeric = {a.column: a for a in fairness.attributes if a.numeric and a.column != "age"}
+    required_columns = {a.column for a in fairness.attributes if a.required}
 
     problems: list[str] = []
     records = []
@@ -100,15 +122,17 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
             record["patient_id"] = row["patient_id"].strip()
             if not record["patient_id"]:
                 raise ValueError("empty patient_id")
-            record["sex"] = L.parse_sex(row["sex"])
-            record["age"] = L.parse_age(row["age"])
-            if modality == "radiograph":
-                for finding in L.FINDINGS:
-                    grade = L.parse_grade(finding, row[finding])
-                    record[f"{finding}_grade"] = grade
-                    record[finding] = L.binary_label(grade)
-            else:
-                record["label"] = _parse_binary(row["label"])
+            record["sex"] = attributes.parse_sex(row["sex"])
+            record["age"] = float("nan") if attributes.is_missing(row["age"]) else L.parse_age(row["age"])
+            for column in extra_columns:
+                record[column] = (attributes.parse_number(numeric[column], row[column]) if column in numeric
+                                  else row[column])
+            for column in required_columns:
+                if attributes.is_missing(row[column]) or (column == "sex" and record["sex"] == attributes.UNKNOWN):
+                    raise ValueError(f"{column} {row[column]!r} is missing or not recognised, and fairness.attributes "
+                                     f"marks {column} required")
+            for finding in label_set.findings:
+                record[finding.name] = finding.parse(row[finding.column])
             if "split" in raw.columns:
                 record["split"] = L.parse_split(row["split"])
         except ValueError as exc:
@@ -129,12 +153,14 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
     if "split" in frame.columns:
         _check_patient_in_one_split(path, frame)
     else:
-        frame["split"] = patient_wise_split(frame, label_names, split_fractions, split_seed)
-    frame["age_group"] = (frame["age"].map(L.radiograph_age_group) if modality == "radiograph"
-                          else age_quartile_groups(frame["age"]))
+        frame["split"] = patient_wise_split(frame, label_set.names, split_fractions, split_seed)
+    if "age_group" not in fairness.attribute_names:  # predictions.csv always carries the default age groups
+        frame["age_group"] = attributes.groups_of(attributes.attribute("age", modality=modality), frame["age"])
+    for attribute_ in fairness.attributes:
+        frame[attribute_.name] = attributes.groups_of(attribute_, frame[attribute_.column])
     synthetic = "synthetic" in raw.columns and raw["synthetic"].str.strip().str.lower().eq("true").all()
-    return Cohort(frame.reset_index(drop=True), modality, tuple(label_names), path, bool(synthetic),
-                  split_stratified_on_labels="split" not in raw.columns)
+    return Cohort(frame.reset_index(drop=True), modality, label_set.names, path, bool(synthetic),
+                  split_stratified_on_labels="split" not in raw.columns, label_set=label_set, fairness=fairness)
 
 
 def _require_file(path: Path) -> None:
@@ -153,8 +179,9 @@ def _normalised(folder: Path, written: str) -> str:
         return os.path.normpath(os.path.abspath(target))
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """The header (reserved names in lower case) and the non-blank rows with the line each starts on."""
+def _read_csv(path: Path, expected: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the non-blank rows with the line each starts on. Reserved names, and the ``expected``
+    columns of the job's label set and attributes, are matched regardless of capitals and spelled as expected."""
     _require_file(path)
     try:
         data = path.read_bytes()
@@ -192,15 +219,16 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     if not records:
         raise DataError(f"{path}: not a readable CSV manifest: the file has no header line (it is empty)")
     (header_line, fields), rows = records[0], records[1:]
-    header = [_column_name(field) or f"unnamed column {index}" for index, field in enumerate(fields, start=1)]
+    spelling = {**{c: c for c in RESERVED_COLUMNS}, **{c.lower(): c for c in expected}}
+    header = [_column_name(field, spelling) or f"unnamed column {index}" for index, field in enumerate(fields, start=1)]
     _check_separator(path, header_line, header)
-    _check_duplicate_columns(path, header_line, header)
+    _check_duplicate_columns(path, header_line, header, set(spelling.values()))
     return header, rows
 
 
-def _column_name(field: str) -> str:
+def _column_name(field: str, spelling: dict[str, str] | None = None) -> str:
     name = field.strip()
-    return name.lower() if name.lower() in RESERVED_COLUMNS else name
+    return (spelling or {c: c for c in RESERVED_COLUMNS}).get(name.lower(), name)
 
 
 def _check_separator(path: Path, line: int, header: list[str]) -> None:
@@ -215,11 +243,11 @@ def _check_separator(path: Path, line: int, header: list[str]) -> None:
                             "delimited)'), or replace the separators")
 
 
-def _check_duplicate_columns(path: Path, line: int, header: list[str]) -> None:
+def _check_duplicate_columns(path: Path, line: int, header: list[str], known: set[str]) -> None:
     positions: dict[str, list[int]] = {}
     for index, name in enumerate(header, start=1):
         if not name.startswith("unnamed column "):  # empty names (trailing commas) carry nothing
-            positions.setdefault(name.lower() if name in RESERVED_COLUMNS else name, []).append(index)
+            positions.setdefault(name.lower() if name in known else name, []).append(index)
     repeated = {name: where for name, where in positions.items() if len(where) > 1}
     if repeated:
         listed = "; ".join(f"{name!r} in columns {', '.join(map(str, where))}" for name, where in repeated.items())
@@ -267,15 +295,6 @@ def require_split(cohort: Cohort, split: str, needed_for: str) -> None:
     raise DataError(f"{cohort.source}: the {split} split is empty (rows: {where}), but {needed_for} needs it; {fix}")
 
 
-def _parse_binary(value) -> int:
-    text = str(value).strip().lower()
-    if text in ("1", "1.0", "true", "positive"):
-        return 1
-    if text in ("0", "0.0", "false", "negative"):
-        return 0
-    raise ValueError(f"unknown label {value!r}; use 0 or 1")
-
-
 def _raise_problems(path: Path, problems: list[str], what_to_do: str) -> None:
     if not problems:
         return
@@ -285,8 +304,10 @@ def _raise_problems(path: Path, problems: list[str], what_to_do: str) -> None:
 
 
 def _check_patients_consistent(path: Path, frame: pd.DataFrame) -> None:
-    # One patient, one sex: a conflict means two patients share an ID (or a data-entry error).
-    sexes = frame.groupby("patient_id")["sex"].nunique()
+    # One patient, one sex: a conflict means two patients share an ID (or a data-entry error). A row whose
+    # sex is unknown conflicts with none.
+    known = frame[frame["sex"] != attributes.UNKNOWN]
+    sexes = known.groupby("patient_id")["sex"].nunique()
     for patient in sexes[sexes > 1].index[:1]:
         lines = frame.loc[frame["patient_id"] == patient, "line"].tolist()
         raise DataError(f"{path}: patient {patient!r} has different sex values on lines {lines}; "
@@ -344,15 +365,6 @@ def patient_wise_split(frame: pd.DataFrame, label_names, fractions=(0.7, 0.1, 0.
     return frame["patient_id"].map(split_of_patient)
 
 
-def age_quartile_groups(ages: pd.Series) -> pd.Series:
-    """CT subgroups: age quartiles of this cohort, labelled with their year ranges."""
-    edges = np.quantile(ages.to_numpy(float), [0.25, 0.5, 0.75])
-    index = np.searchsorted(edges, ages.to_numpy(float), side="right")
-    bounds = [ages.min(), *edges, ages.max()]
-    names = [f"Q{i + 1} {bounds[i]:g}-{bounds[i + 1]:g}" for i in range(4)]
-    return pd.Series([names[i] for i in index], index=ages.index)
-
-
 def cohort_table(cohort: Cohort, quarantined: pd.DataFrame | None = None) -> pd.DataFrame:
     """Counts per split like the paper's Table 1: images, patients, sex, age group, positives per label."""
     f = cohort.frame
@@ -360,20 +372,22 @@ def cohort_table(cohort: Cohort, quarantined: pd.DataFrame | None = None) -> pd.
     for split in (*L.SPLITS, "total"):
         part = f if split == "total" else f[f["split"] == split]
         col = {"images": len(part), "patients": part["patient_id"].nunique()}
-        for sex in L.SEXES:
+        for sex in sorted({*L.SEXES, *f["sex"].unique()}, key=attributes.group_order_key):
             col[f"sex {sex}"] = int((part["sex"] == sex).sum())
-        for group in sorted(f["age_group"].unique(), key=_age_group_key):
+        for group in sorted(f["age_group"].unique(), key=attributes.group_order_key):
             col[f"age {group}"] = int((part["age_group"] == group).sum())
-        col["age mean ± sd"] = f"{part['age'].mean():.1f} ± {part['age'].std(ddof=0):.1f}" if len(part) else "-"
+        col["age mean ± sd"] = f"{part['age'].mean():.1f} ± {part['age'].std(ddof=0):.1f}" if part["age"].notna().any() else "-"
+        spec = cohort.fairness or attributes.default_spec(cohort.modality)
+        for attribute_ in spec.attributes:
+            if attribute_.name not in ("sex", "age_group"):
+                for group in sorted(f[attribute_.name].unique(), key=attributes.group_order_key):
+                    col[f"{attribute_.name} {group}"] = int((part[attribute_.name] == group).sum())
         for name in cohort.label_names:
-            col[f"{name} positive"] = int(part[name].sum())
+            col[f"{name} positive"] = int(np.nansum(part[name].to_numpy(float)))
+            if cohort.label_set is not None and cohort.label_set.may_ignore:
+                col[f"{name} not observed"] = int(part[name].isna().sum())
         if quarantined is not None:
             col["quarantined (skipped)"] = len(quarantined) if split == "total" else int(
                 (quarantined.get("split", pd.Series(dtype=str)) == split).sum())
         columns[split] = col
     return pd.DataFrame(columns)
-
-
-def _age_group_key(group: str) -> float:
-    text = group.split()[-1] if group.startswith("Q") else group
-    return float(text.rstrip("+").split("-")[0])

@@ -79,16 +79,20 @@ def percentile_interval(estimate: float, redraws: np.ndarray, level: float = 0.9
 def bootstrap_auroc(y_true: np.ndarray, scores: np.ndarray, redraws: int = DEFAULT_REDRAWS, seed: int = 0,
                     weights: np.ndarray | None = None) -> tuple[list[Interval], Interval, np.ndarray]:
     """Per-label AUROC with percentile CIs and the mean AUROC with its CI, for (n, L) labels and scores.
+    A NaN label is not observed: it gets weight 0 in every redraw of its label (the redraws stay shared).
     Returns (per-label intervals, mean interval, the (redraws, L) AUROC matrix)."""
-    y_true, scores = np.asarray(y_true), np.asarray(scores)
+    y_true, scores = np.asarray(y_true, dtype=np.float64), np.asarray(scores)
     if y_true.ndim == 1:
         y_true, scores = y_true[:, None], scores[:, None]
     n, labels = y_true.shape
     if weights is None:
         weights = redraw_weights(n, redraws, seed)
+    observed = np.isfinite(y_true).astype(np.float32)
+    known = np.nan_to_num(y_true)
     ones = np.ones((1, n), np.float32)
-    point = np.array([weighted_auroc(y_true[:, j], scores[:, j], ones)[0] for j in range(labels)])
-    matrix = np.stack([weighted_auroc(y_true[:, j], scores[:, j], weights) for j in range(labels)], axis=1)
+    point = np.array([weighted_auroc(known[:, j], scores[:, j], ones * observed[:, j])[0] for j in range(labels)])
+    matrix = np.stack([weighted_auroc(known[:, j], scores[:, j], weights * observed[:, j]) for j in range(labels)],
+                      axis=1)
     per_label = [percentile_interval(point[j], matrix[:, j]) for j in range(labels)]
     defined = np.isfinite(point)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from dpmedtf.data import attributes
 from dpmedtf.data.cache import PreparedData
 from dpmedtf.data.pipeline import evaluation_dataset, split_rows
 from dpmedtf.evaluation.bootstrap import bootstrap_auroc, redraw_weights
@@ -40,10 +41,25 @@ def predict(model: tf.keras.Model, prepared: PreparedData, split: str, batch_siz
     out = pd.DataFrame({"image_id": [Path(p).name for p in frame["path"]], "patient_id": frame["patient_id"].to_numpy(),
                         "sex": frame["sex"].to_numpy(), "age": frame["age"].to_numpy(),
                         "age_group": frame["age_group"].to_numpy()})
+    for name in audited_attributes(prepared):  # the job's other attributes (site, race, …), so anyone can regroup
+        if name not in out.columns:
+            out[name] = frame[name].to_numpy()
     for j, name in enumerate(prepared.cohort.label_names):
-        out[f"{name}_true"] = labels[:, j].astype(int)
+        # 1, 0, or empty where the label is not observed (an ignore policy): nullable integers in the CSV.
+        out[f"{name}_true"] = pd.Series(labels[:, j]).astype("Int64").to_numpy()
         out[f"{name}_prob"] = probabilities[:, j]
     return out
+
+
+def audited_attributes(prepared: PreparedData) -> tuple[str, ...]:
+    return (prepared.cohort.fairness or attributes.default_spec(prepared.spec.modality)).attribute_names
+
+
+def observed(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of ``name`` on the rows where it is observed (its ``_true`` is not empty)."""
+    y = frame[f"{name}_true"].to_numpy(float, na_value=np.nan)
+    keep = np.isfinite(y)
+    return y[keep].astype(int), frame[f"{name}_prob"].to_numpy(float)[keep]
 
 
 def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.PathLike, redraws: int = 1000,
@@ -53,21 +69,22 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
     files.root.mkdir(parents=True, exist_ok=True)
     names = prepared.cohort.label_names
     validation, test = predict(model, prepared, "validation"), predict(model, prepared, "test")
-    thresholds = {name: youden_threshold(validation[f"{name}_true"], validation[f"{name}_prob"]) for name in names}
+    thresholds = {name: youden_threshold(*observed(validation, name)) for name in names}
     not_evaluable = single_class_findings(validation, test, names)
     for name, reasons in not_evaluable.items():
         print(f"warning: {name}: {'; '.join(reasons)}", file=sys.stderr, flush=True)
 
-    y = test[[f"{n}_true" for n in names]].to_numpy()
+    y = test[[f"{n}_true" for n in names]].to_numpy(float, na_value=np.nan)  # NaN: not observed
     p = test[[f"{n}_prob" for n in names]].to_numpy()
     intervals, mean, _ = bootstrap_auroc(y, p, weights=redraw_weights(len(test), redraws, seed))
     findings = {}
     for j, name in enumerate(names):
-        rates = binary_rates(y[:, j], p[:, j] >= thresholds[name])
+        y_observed, p_observed = observed(test, name)
+        rates = binary_rates(y_observed, p_observed >= thresholds[name])
         findings[name] = {"auroc": intervals[j].estimate, "auroc_ci_low": intervals[j].low,
                           "auroc_ci_high": intervals[j].high, "threshold": thresholds[name],
                           "sensitivity": rates.sensitivity, "specificity": rates.specificity,
-                          "accuracy": rates.accuracy, "n_positive": int(y[:, j].sum())}
+                          "accuracy": rates.accuracy, "n": int(len(y_observed)), "n_positive": int(y_observed.sum())}
     averaged = {key: float(np.nanmean([findings[n][key] for n in names]))
                 for key in ("sensitivity", "specificity", "accuracy")}
     provenance = {"synthetic_data": prepared.cohort.synthetic,
@@ -79,8 +96,12 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
                         "auroc_over": [n for n in names if "test" not in not_evaluable.get(n, {})]},
                "findings": findings, "not_evaluable": not_evaluable}
     metrics["membership_inference"] = _audit(model, prepared, test, names, seed)
+    spec = prepared.cohort.fairness or attributes.default_spec(prepared.spec.modality)
+    label_set = prepared.cohort.label_set
     report = {**provenance, "split": "test", "findings": list(names),
-              "rows": json_safe(fairness_rows(test, thresholds, names, redraws=redraws, seed=seed))}
+              "label_set": label_set.to_json() if label_set else None, "grouping": spec.to_json(),
+              "attributes": list(spec.names),
+              "rows": json_safe(fairness_rows(test, thresholds, names, spec, redraws=redraws, seed=seed))}
 
     test.to_csv(files.predictions, index=False)
     validation.to_csv(files.validation_predictions, index=False)
@@ -99,7 +120,8 @@ def single_class_findings(validation: pd.DataFrame, test: pd.DataFrame, names) -
     found: dict[str, dict[str, str]] = {}
     for split, frame in (("validation", validation), ("test", test)):
         for name in names:
-            values = frame[f"{name}_true"].to_numpy()
+            values = frame[f"{name}_true"].to_numpy(float, na_value=np.nan)
+            values = values[np.isfinite(values)]  # the rows where the finding is observed
             if len(values) and values.min() != values.max():
                 continue
             holds = "no images" if not len(values) else ("only positives" if values.min() == 1 else "only negatives")

@@ -1,4 +1,5 @@
-"""Subgroup fairness with fairlearn's MetricFrame: by sex, age group and sex × age, per finding and averaged.
+"""Subgroup fairness with fairlearn's MetricFrame: per attribute the job names (default: sex, age group and
+sex × age), per finding and averaged.
 
 Definitions (the paper's where it gives them):
 - statistical parity difference of group g = accuracy(g) − accuracy(everyone not in g);
@@ -8,24 +9,28 @@ Definitions (the paper's where it gives them):
 - worst-group AUROC of an attribute = the lowest group AUROC;
 - "mean" rows average the per-finding values, as the paper averages over its eight labels.
 A group with fewer than ``MIN_POSITIVES`` positives (or negatives) is flagged: its numbers are noise.
+A finding's rows use only the images where it is observed (``n`` says how many); a "mean" row's ``n``
+counts the group's images.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from fairlearn.metrics import MetricFrame, equalized_odds_difference, false_negative_rate, false_positive_rate
 from sklearn.metrics import accuracy_score
 
+from dpmedtf.data.attributes import FairnessSpec, Intersection, default_spec, with_intersections
 from dpmedtf.evaluation.bootstrap import bootstrap_auroc
 
 MIN_POSITIVES = 10
 ECE_BINS = 10
-ATTRIBUTES = ("sex", "age_group", "sex_x_age")
+ATTRIBUTES = default_spec("radiograph").names
+"""The default audit's groupings: sex, age_group, sex_x_age."""
 
 
 @dataclass(frozen=True)
@@ -57,28 +62,44 @@ def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bi
     return float(np.sum(weights * np.abs(calibration.positive_rate - calibration.mean_probability)))
 
 
-def with_attribute_columns(predictions: pd.DataFrame) -> pd.DataFrame:
-    """``predictions`` with the derived attributes (``sex_x_age``) as columns, as the report's groups are."""
-    frame = predictions.copy()
-    frame["sex_x_age"] = frame["sex"].astype(str) + " × " + frame["age_group"].astype(str)
-    return frame
+def intersections_of(report_or_spec) -> tuple[Intersection, ...]:
+    """The intersections of a ``FairnessSpec``, or of a fairness report's ``grouping`` (the paper's sex × age
+    for reports written before the job could choose)."""
+    if isinstance(report_or_spec, FairnessSpec):
+        return report_or_spec.intersections
+    grouping = (report_or_spec or {}).get("grouping")
+    if not grouping:
+        return default_spec("radiograph").intersections
+    return tuple(Intersection(first=i["of"][0], second=i["of"][1]) for i in grouping.get("intersections", []))
+
+
+def with_attribute_columns(predictions: pd.DataFrame, grouping=None) -> pd.DataFrame:
+    """``predictions`` with the intersections (``sex_x_age``, ``race_x_sex``) as columns, as the report's groups
+    are; ``grouping`` is the job's ``FairnessSpec`` or the fairness report that names them."""
+    intersections = intersections_of(grouping)
+    return with_intersections(predictions, FairnessSpec(attributes=(), intersections=intersections))
 
 
 def fairness_rows(predictions: pd.DataFrame, thresholds: dict[str, float], findings: Sequence[str],
-                  attributes: Iterable[str] = ATTRIBUTES, redraws: int = 1000, seed: int = 0) -> list[dict]:
-    """The fairness report's ``rows``: one per (attribute, group, finding or 'mean')."""
-    frame = with_attribute_columns(predictions)
+                  spec: FairnessSpec | None = None, redraws: int = 1000, seed: int = 0,
+                  attributes: Sequence[str] | None = None) -> list[dict]:
+    """The fairness report's ``rows``: one per (attribute, group, finding or 'mean'), for the groupings of
+    ``spec`` (default: the paper's), or only those named in ``attributes``."""
+    spec = spec or default_spec("radiograph")
+    frame = with_attribute_columns(predictions, spec)
     rows = []
-    for attribute in attributes:
+    for attribute in attributes or spec.names:
         groups = frame[attribute].astype(str)
         per_finding = []
         for finding in findings:
-            y = frame[f"{finding}_true"].to_numpy().astype(int)
-            p = frame[f"{finding}_prob"].to_numpy().astype(float)
+            y = frame[f"{finding}_true"].to_numpy(float, na_value=np.nan)
+            keep = np.isfinite(y)  # only the images where this finding is observed
+            p = frame[f"{finding}_prob"].to_numpy().astype(float)[keep]
             predicted = (p >= thresholds[finding]).astype(int)
-            per_finding.append(_finding_rows(attribute, groups, finding, y, p, predicted, redraws, seed))
+            per_finding.append(_finding_rows(attribute, groups[keep].reset_index(drop=True), finding,
+                                             y[keep].astype(int), p, predicted, redraws, seed))
         rows.extend(r for block in per_finding for r in block)
-        rows.extend(_mean_rows(attribute, per_finding))
+        rows.extend(_mean_rows(attribute, per_finding, groups.value_counts().to_dict()))
     return rows
 
 
@@ -117,15 +138,16 @@ def _nan_if_undefined(value, denominator: int) -> float:
     return float(value) if denominator > 0 else float("nan")
 
 
-def _mean_rows(attribute: str, per_finding: list[list[dict]]) -> list[dict]:
-    """Per group, the average over findings of each metric (NaNs ignored), like the paper's averages."""
+def _mean_rows(attribute: str, per_finding: list[list[dict]], group_sizes: dict[str, int]) -> list[dict]:
+    """Per group, the average over findings of each metric (NaNs ignored), like the paper's averages. A group
+    in which a finding is never observed averages over the findings it has."""
     numeric = ("prevalence", "auroc", "auroc_ci_low", "auroc_ci_high", "accuracy", "statistical_parity_difference",
                "fnr", "fpr", "ece", "equalized_odds_difference")
-    groups = [r["group"] for r in per_finding[0]]
+    groups = list(dict.fromkeys(r["group"] for block in per_finding for r in block))
     rows = []
-    for i, group in enumerate(groups):
-        block = [finding_rows[i] for finding_rows in per_finding]
-        row = {"attribute": attribute, "group": group, "finding": "mean", "n": block[0]["n"],
+    for group in groups:
+        block = [r for finding_rows in per_finding for r in finding_rows if r["group"] == group]
+        row = {"attribute": attribute, "group": group, "finding": "mean", "n": int(group_sizes.get(group, 0)),
                "n_positive": int(sum(r["n_positive"] for r in block))}
         for key in numeric:
             values = np.array([r[key] for r in block], float)

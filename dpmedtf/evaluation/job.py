@@ -11,7 +11,7 @@ from dpmedtf.config import JobConfig
 from dpmedtf.errors import DpmedtfError, OutputExistsError
 from dpmedtf.evaluation import plots
 from dpmedtf.evaluation.canary_audit import read_audit
-from dpmedtf.evaluation.evaluate import evaluate
+from dpmedtf.evaluation.evaluate import audited_attributes, evaluate
 from dpmedtf.evaluation.model_plots import draw_model_figures
 from dpmedtf.evaluation.report import write_report
 from dpmedtf.evaluation.sweep import SweepMember, analyse_sweep
@@ -62,7 +62,7 @@ def evaluate_job(job: JobConfig, run: Path, force: bool = False) -> tuple[list[S
         write_json_atomic(run_dir.sweep, json_safe({"synthetic_data": synthetic, **sweep}))
         figures = [plots.privacy_utility(members, run / "privacy_utility.png", synthetic),
                    plots.per_finding_auroc(members, names, run / "auroc_per_finding.png", synthetic),
-                   *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in ("sex", "age_group")),
+                   *(plots.subgroups(members, a, run / f"subgroups_{a}.png", synthetic) for a in audited_attributes(prepared)),
                    plots.paired_differences(sweep, run / "auroc_difference_vs_non_private.png", synthetic)]
     audit = read_audit(run)
     report = write_report(run_dir.report, f"dpmedtf evaluation: {job.name}", members, sweep,

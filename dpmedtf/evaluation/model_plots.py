@@ -44,7 +44,14 @@ def draw_model_figures(files: EvaluationDir) -> list[Path]:
             reliability_diagrams(test, findings, files.reliability_figure, synthetic),
             confusion_matrices(test, thresholds, files.confusion_figure, synthetic),
             *(subgroup_bars(fairness["rows"], test, thresholds, a, files.subgroup_figure(a), synthetic,
-                            bootstrap["redraws"], bootstrap["seed"]) for a in attributes)]
+                            bootstrap["redraws"], bootstrap["seed"], grouping=fairness) for a in attributes)]
+
+
+def _observed(test: pd.DataFrame, finding: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the test rows where ``finding`` is observed (an empty ``_true`` is not)."""
+    y = test[f"{finding}_true"].to_numpy(float, na_value=np.nan)
+    keep = np.isfinite(y)
+    return y[keep].astype(int), test[f"{finding}_prob"].to_numpy(float)[keep]
 
 
 def _label(finding: str) -> str:
@@ -67,8 +74,8 @@ def roc_curves(test: pd.DataFrame, metrics: dict, out: Path, synthetic: bool) ->
     """Test ROC curve per finding; the dot is the validation threshold's (1 − specificity, sensitivity) on test."""
     fig, ax = plt.subplots(figsize=(8.6, 5.2))
     for colour, (finding, summary) in zip(COLOURS * 3, metrics["findings"].items()):
-        y, p = test[f"{finding}_true"].to_numpy(), test[f"{finding}_prob"].to_numpy()
-        if y.min() == y.max():  # ROC and AUROC need both classes; say so instead of drawing nothing silently
+        y, p = _observed(test, finding)
+        if len(y) == 0 or y.min() == y.max():  # ROC and AUROC need both classes; say so instead of drawing nothing silently
             ax.plot([], [], color=colour, label=f"{_label(finding)}: not defined (one class in test)")
             continue
         auroc = Interval(number(summary["auroc"]), number(summary["auroc_ci_low"]), number(summary["auroc_ci_high"]))
@@ -96,7 +103,7 @@ def reliability_diagrams(test: pd.DataFrame, findings: list[str], out: Path, syn
     fig, axes = _panels(len(findings))
     errors = []
     for ax, colour, finding in zip(axes, COLOURS * 3, findings):
-        y, p = test[f"{finding}_true"].to_numpy(), test[f"{finding}_prob"].to_numpy()
+        y, p = _observed(test, finding)
         bins = calibration_bins(y, p)
         errors.append(expected_calibration_error(y, p))
         ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
@@ -122,8 +129,8 @@ def confusion_matrices(test: pd.DataFrame, thresholds: dict[str, float], out: Pa
     findings = list(thresholds)
     fig, axes = _panels(len(findings), size=(2.6, 2.6))
     for ax, finding in zip(axes, findings):
-        y = test[f"{finding}_true"].to_numpy().astype(bool)
-        predicted = test[f"{finding}_prob"].to_numpy() >= thresholds[finding]
+        y, p = _observed(test, finding)
+        y, predicted = y.astype(bool), p >= thresholds[finding]
         counts = np.array([[(y & predicted).sum(), (y & ~predicted).sum()],      # TP FN
                            [(~y & predicted).sum(), (~y & ~predicted).sum()]])   # FP TN
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -145,10 +152,11 @@ def confusion_matrices(test: pd.DataFrame, thresholds: dict[str, float], out: Pa
 
 
 def subgroup_intervals(rows: list[dict], test: pd.DataFrame, thresholds: dict[str, float], attribute: str,
-                       redraws: int, seed: int) -> list[dict]:
+                       redraws: int, seed: int, grouping=None) -> list[dict]:
     """Per group of ``attribute`` (its "mean" row of the fairness report): the row, its AUROC interval as
-    reported, and the FNR interval bootstrapped from the predictions with the evaluation's redraws."""
-    frame = with_attribute_columns(test)
+    reported, and the FNR interval bootstrapped from the predictions with the evaluation's redraws.
+    ``grouping``: the fairness report (or spec) naming the intersections."""
+    frame = with_attribute_columns(test, grouping)
     groups = frame[attribute].astype(str).to_numpy()
     out = []
     for row in (r for r in rows if r["attribute"] == attribute and r["finding"] == "mean"):
@@ -164,9 +172,9 @@ def subgroup_intervals(rows: list[dict], test: pd.DataFrame, thresholds: dict[st
 
 
 def subgroup_bars(rows: list[dict], test: pd.DataFrame, thresholds: dict[str, float], attribute: str, out: Path,
-                  synthetic: bool, redraws: int, seed: int) -> Path:
+                  synthetic: bool, redraws: int, seed: int, grouping=None) -> Path:
     """AUROC and underdiagnosis (FNR) per group, mean over findings, with 95% bootstrap CIs."""
-    groups = subgroup_intervals(rows, test, thresholds, attribute, redraws, seed)
+    groups = subgroup_intervals(rows, test, thresholds, attribute, redraws, seed, grouping)
     flagged = [bool(g["row"].get("warning")) for g in groups]
     ticks = [f"{g['row']['group']}{UNRELIABLE if f else ''}\nn={g['row']['n']}" for g, f in zip(groups, flagged)]
     fig, axes = plt.subplots(1, 2, figsize=(3.5 + 2 * max(3.0, 0.85 * len(groups)), 4.6))

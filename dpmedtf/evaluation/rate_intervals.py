@@ -23,7 +23,7 @@ def thresholded(predictions, thresholds: dict[str, float]) -> tuple[np.ndarray, 
     """(n, findings) true labels and decisions at each finding's threshold, from a predictions table
     (``<finding>_true`` / ``<finding>_prob`` columns), findings in ``thresholds``' order."""
     findings = list(thresholds)
-    y = predictions[[f"{f}_true" for f in findings]].to_numpy()
+    y = predictions[[f"{f}_true" for f in findings]].to_numpy(float, na_value=np.nan)  # NaN: not observed
     predicted = np.column_stack([predictions[f"{f}_prob"].to_numpy() >= thresholds[f] for f in findings])
     return y, predicted
 
@@ -43,9 +43,11 @@ def _as_matrix(values: np.ndarray) -> np.ndarray:
 
 
 def _mean_rates(weights: np.ndarray, y: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
-    positives, negatives = weights @ y, weights @ (1 - y)
-    true_positives, true_negatives = weights @ (y * predicted), weights @ ((1 - y) * (1 - predicted))
-    total = weights.sum(axis=1, keepdims=True)
+    # An unobserved label (NaN) is neither positive nor negative: it counts in no rate of its finding.
+    positive, negative = (y == 1).astype(np.float32), (y == 0).astype(np.float32)
+    positives, negatives = weights @ positive, weights @ negative
+    true_positives, true_negatives = weights @ (positive * predicted), weights @ (negative * (1 - predicted))
+    total = positives + negatives
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a redraw of a small group may lack a class: NaN
         sensitivity = np.nanmean(np.where(positives > 0, true_positives / positives, np.nan), axis=1)

@@ -57,10 +57,13 @@ def analyse_sweep(members: list[SweepMember], findings: list[str], train_positiv
             entry["auroc_drop_vs_positives"] = _pearson(positives, np.subtract(base, aurocs))
             entry["versus_non_private"] = {}
             for f in findings:
-                y = member.predictions[f"{f}_true"].to_numpy()
-                if not np.array_equal(y, baseline.predictions[f"{f}_true"].to_numpy()):
+                y = member.predictions[f"{f}_true"].to_numpy(float, na_value=np.nan)
+                if not np.array_equal(y, baseline.predictions[f"{f}_true"].to_numpy(float, na_value=np.nan), equal_nan=True):
                     raise ValueError(f"{member.name} and {baseline.name} were not evaluated on the same test images")
-                dp, non_private = member.predictions[f"{f}_prob"].to_numpy(), baseline.predictions[f"{f}_prob"].to_numpy()
+                keep = np.isfinite(y)  # the images where this finding is observed
+                y = y[keep].astype(int)
+                dp = member.predictions[f"{f}_prob"].to_numpy()[keep]
+                non_private = baseline.predictions[f"{f}_prob"].to_numpy()[keep]
                 if y.sum() < 2 or (1 - y).sum() < 2:
                     entry["versus_non_private"][f] = None
                     continue

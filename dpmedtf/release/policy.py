@@ -43,6 +43,9 @@ class ExportRules:
 @dataclass(frozen=True)
 class FairnessRules:
     attributes: tuple[str, ...] = ("sex", "age_group")
+    """Attributes every release must have been audited by (checked on the report's "mean" rows)."""
+    check_job_attributes: bool = True
+    """Also hold every attribute the job itself audits (its ``fairness.attributes``: site, race, …) to the limits."""
     min_group_size: int = 10
     min_worst_group_auroc: float | None = 0.55
     max_abs_statistical_parity_difference: float | None = 0.15
@@ -164,7 +167,9 @@ def check_policy(policy: ReleasePolicy, certificate: Mapping[str, Any], fairness
 
 def _fairness_violations(rules: FairnessRules, report: Mapping[str, Any]) -> list[Violation]:
     violations = []
-    for attribute in rules.attributes:
+    named_by_job = [a["name"] for a in (report.get("grouping") or {}).get("attributes", [])]
+    checked = list(dict.fromkeys([*rules.attributes, *(named_by_job if rules.check_job_attributes else [])]))
+    for attribute in checked:
         rows = [r for r in report["rows"] if r["attribute"] == attribute and r["finding"] == "mean"]
         if not rows:
             violations.append(Violation("fairness.attributes", f"the fairness report has no rows for {attribute!r}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from dpmedtf.config import JobConfig
+from dpmedtf.data import label_sets
 from dpmedtf.data.cache import PreparedData
 from dpmedtf.data.pipeline import split_rows
 from dpmedtf.errors import DpmedtfError
@@ -27,8 +28,10 @@ def class_weights(config: JobConfig, plan: TrainingPlan, labels: np.ndarray, tra
     weighting = config.training.class_weights
     if weighting == "dp_counts":
         records = train_frame["patient_id"].to_numpy() if plan.unit_of_privacy == "patient" else None
-        noise = secret.secure_gaussian("class-counts", 0, [labels.shape[1]], 1.0)[0]
-        release = release_prevalences(labels, records, plan.class_count_noise_std, noise)
+        # Decided by the job's label set, never by the data: which mechanism ran must not depend on it.
+        observed_counts = label_sets.from_config(config.labels, config.data.modality).may_ignore
+        noise = secret.secure_gaussian("class-counts", 0, [labels.shape[1] * (2 if observed_counts else 1)], 1.0)[0]
+        release = release_prevalences(labels, records, plan.class_count_noise_std, noise, observed_counts)
         return (*prior_weights(release.prevalences), release)
     if weighting == "inverse_frequency":
         return (*inverse_frequency_weights(labels), None)

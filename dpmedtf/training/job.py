@@ -8,7 +8,8 @@ from pathlib import Path
 
 from dpmedtf.config import JobConfig, resolve
 from dpmedtf.data.cache import PreparedData, PreprocessSpec, prepare
-from dpmedtf.data.manifests import load_manifest
+from dpmedtf.data import attributes, label_sets
+from dpmedtf.data.manifests import Cohort, load_manifest
 from dpmedtf.errors import ConfigError
 from dpmedtf.layout import RunDir
 from dpmedtf.training.distribution import strategy_for
@@ -27,11 +28,19 @@ def prepare_data(config: JobConfig, out_dir: Path, progress=None) -> PreparedDat
     data = config.data
     if data.manifest is None:
         raise ConfigError("data.manifest is required to train: give the path of the manifest CSV")
-    cohort = load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed)
+    cohort = load_job_cohort(config)
     spec = PreprocessSpec(data.modality, image_size=data.image_size, volume_shape=data.volume_shape,
                           hu_window=data.hu_window, dicom_decoder=data.dicom_decoder,
                           accept_modalities=data.accept_modalities)
     return prepare(cohort, spec, data.cache_dir or RunDir(out_dir).cache, skip_bad=data.skip_bad, progress=progress)
+
+
+def load_job_cohort(config: JobConfig) -> Cohort:
+    """The job's manifest read with the job's label set (``labels:``) and sensitive attributes (``fairness:``)."""
+    data = config.data
+    return load_manifest(data.manifest, data.modality, data.split_fractions, data.split_seed,
+                         label_set=label_sets.from_config(config.labels, data.modality),
+                         fairness=attributes.from_config(config.fairness, data.modality))
 
 
 def sweep_members(config: JobConfig) -> list[tuple[str, JobConfig]]:

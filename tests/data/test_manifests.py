@@ -66,7 +66,8 @@ def test_valid_manifest_loads_with_paths_relative_to_the_csv(tmp_path):
     ([HEADER.replace(",congestion", ""), "a.png,P1,F,50" + ",0" * 7], "missing column(s) congestion"),
     ([HEADER, row("a.png", "P1", grades=("0", "bad") + ("0",) * 6)],
      "line 2: unknown grade 'bad' for congestion; use 0–4 or one of: negative, uncertain, mild, moderate, severe"),
-    ([HEADER, row("a.png", "P1"), row("b.png", "P2", sex="X")], "line 3: unknown sex 'X'"),
+    ([HEADER, row("a.png", "P1"), row("b.png", "P2", grades=("",) + ("0",) * 7)],
+     "line 3: cardiomegaly is empty; give a value, or set labels.blank"),
     ([HEADER, row("a.png", "P1", age="old")], "line 2: age 'old' is not a number"),
     ([HEADER, row("a.png", "P1", age=130)], "line 2: age '130' is outside 0–120 years"),
     ([HEADER, row("a.png", "")], "line 2: empty patient_id"),
@@ -88,7 +89,7 @@ def test_valid_manifest_loads_with_paths_relative_to_the_csv(tmp_path):
      "line(s) 2, 3 name the same file"),
     ([HEADER, row("a.png", "P1"), row("./sub/../a.png", "P2")], "(written as './sub/../a.png', 'a.png')"),
     ([HEADER, row("a.png", "P1")[:-2]], "line 2: 11 field(s) where the header has 12"),
-    ([HEADER, row("a.png", "P1"), "", ",,,", row("b.png", "P2", sex="X")], "line 5: unknown sex 'X'"),
+    ([HEADER, row("a.png", "P1"), "", ",,,", row("b.png", "P2", age="old")], "line 5: age 'old' is not a number"),
 ])
 def test_every_bad_manifest_is_refused_naming_file_and_line(tmp_path, lines, fragment):
     path = write_csv(tmp_path, lines)
@@ -138,7 +139,7 @@ def test_encoding_problems_name_the_line_and_the_fix(tmp_path, content, fragment
 
 
 def test_all_bad_rows_are_listed_together(tmp_path):
-    path = write_csv(tmp_path, [HEADER] + [row(f"{i}.png", f"P{i}", sex="?") for i in range(25)])
+    path = write_csv(tmp_path, [HEADER] + [row(f"{i}.png", f"P{i}", age="?!") for i in range(25)])
     message = str(pytest.raises(DataError, load_manifest, path, "radiograph").value)
     assert "25 invalid row(s)" in message and "line 2:" in message and "… and 5 more" in message
 

@@ -21,10 +21,11 @@ MIN_SLICE = 20
 
 
 def per_label_losses(y_true: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """(n, L) binary cross-entropy of each label (the attacker's raw observations)."""
+    """(n, L) binary cross-entropy of each label (the attacker's raw observations); 0 where a label is not
+    observed (NaN), as it adds nothing to the training loss either."""
     p = np.clip(np.asarray(probabilities, float), 1e-7, 1 - 1e-7)
     y = np.asarray(y_true, float)
-    return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return np.where(np.isfinite(y), -(np.nan_to_num(y) * np.log(p) + (1 - np.nan_to_num(y)) * np.log(1 - p)), 0.0)
 
 
 def auc_standard_error(auc: float, n_members: int, n_nonmembers: int) -> float:
