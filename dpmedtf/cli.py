@@ -20,7 +20,7 @@ import typer
 from typer._click.exceptions import ClickException, UsageError
 
 from dpmedtf import __version__
-from dpmedtf.errors import DpmedtfError
+from dpmedtf.errors import ConfigError, DpmedtfError
 
 app = typer.Typer(name="dpmedtf", no_args_is_help=True, add_completion=False,
                   help="Differentially private diagnostic models for medical imaging.")
@@ -179,14 +179,32 @@ def preprocess_volume(source: Path = typer.Argument(..., help="NIfTI file or fol
     typer.echo(f"wrote {out} (D×H×W = {'×'.join(map(str, data.shape))} float32 in [0, 1])")
 
 
+_LABELS = typer.Option(None, "--labels", help="Label preset the manifest follows: uka-cxr (radiograph default), "
+                       "chexpert (the 14 CheXpert columns, -1 uncertain → ignored, blank → 0) or binary (CT default); "
+                       "a job's labels: section says more.")
+
+
+def _label_set(name: Optional[str], modality: str):
+    from dpmedtf.data import label_sets
+
+    if name is None:
+        return None
+    try:
+        return label_sets.preset(name)
+    except ValueError as exc:
+        raise ConfigError(f"--labels: {exc}") from None
+
+
 @app.command("cohort")
 def cohort(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest CSV."),
            split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise split (no split column)."),
+           labels: Optional[str] = _LABELS,
            out: Optional[Path] = typer.Option(None, "--out", help="Also write the table as CSV.")) -> None:
     """Validate a manifest and print its cohort table (counts per split, sex, age group, finding)."""
     from dpmedtf.data import manifests
 
-    loaded = manifests.load_manifest(manifest, manifests.detect_modality(manifest), split_seed=split_seed)
+    modality = manifests.detect_modality(manifest)
+    loaded = manifests.load_manifest(manifest, modality, split_seed=split_seed, label_set=_label_set(labels, modality))
     _print_cohort(loaded, manifests.cohort_table(loaded), out)
 
 
@@ -197,6 +215,7 @@ def prepare(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest
             shape: tuple[int, int, int] = typer.Option((224, 224, 128), "--shape", help="CT H W D."),
             split_seed: int = typer.Option(0, "--split-seed", help="Seed of the patient-wise split."),
             dicom_decoder: DicomDecoder = _DICOM_DECODER,
+            labels: Optional[str] = _LABELS,
             skip_bad: bool = typer.Option(False, "--skip-bad", help="Quarantine unreadable files instead of stopping.")) -> None:
     """Check, decode and preprocess every file of a manifest into the cache; print the cohort table."""
     from dpmedtf.data import cache as data_cache
@@ -204,7 +223,7 @@ def prepare(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest
     from dpmedtf.progress import progress_bar
 
     modality = manifests.detect_modality(manifest)
-    loaded = manifests.load_manifest(manifest, modality, split_seed=split_seed)
+    loaded = manifests.load_manifest(manifest, modality, split_seed=split_seed, label_set=_label_set(labels, modality))
     spec = data_cache.PreprocessSpec(modality, image_size=image_size, volume_shape=shape,
                                      dicom_decoder=dicom_decoder.value)
     with progress_bar("preparing", len(loaded.frame)) as advance:

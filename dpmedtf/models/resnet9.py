@@ -98,12 +98,13 @@ class _Ops:
 
 
 def convert_to_acs(model_2d: tf.keras.Model, input_shape: Sequence[int], num_outputs: int | None = None,
-                   name: str | None = None) -> tf.keras.Model:
+                   name: str | None = None, carry_head: bool = True) -> tf.keras.Model:
     """The ACS-3D twin of a 2D ResNet9, its convolutions sharing the 2D weights.
 
     ``input_shape`` is the volume's (D, H, W, C). Convolution kernels and GroupNorm parameters are
     copied by layer name; the head is copied when ``num_outputs`` matches the 2D head (the feature
-    vector is 512 long in both), otherwise it starts freshly initialised for the new task.
+    vector is 512 long in both) and ``carry_head`` (the same findings), otherwise it starts freshly
+    initialised for the new task.
     """
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4:
@@ -119,7 +120,7 @@ def convert_to_acs(model_2d: tf.keras.Model, input_shape: Sequence[int], num_out
     model_3d = build_resnet9(input_shape, num_outputs, activation=arch["activation"], groups=arch["groups"],
                              scale_norm=arch["scale_norm"], widths=arch["widths"], name=name or f"{model_2d.name}_acs")
     for layer in model_3d.layers:
-        if not layer.weights or (layer.name == "logits" and num_outputs != head_2d.units):
+        if not layer.weights or (layer.name == "logits" and (num_outputs != head_2d.units or not carry_head)):
             continue
         layer.set_weights(model_2d.get_layer(layer.name).get_weights())
     return model_3d

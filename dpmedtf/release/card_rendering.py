@@ -152,7 +152,9 @@ def _privacy_table(privacy: Mapping[str, Any], training_data: Mapping[str, Any])
          else "fixed by privacy.noise_seed (reproducible experiment)"),
         ("Covers", setting["protects"]),
         ("Public pretraining", "none" if not pretraining.get("weights") else
-         f"{pretraining['weights']} (on {pretraining.get('data') or 'unstated data'})"),
+         f"{pretraining['weights']} (on {pretraining.get('data') or 'unstated data'}"
+         + (f"; labels: {pretraining['label_set']['name']}, {len(pretraining['label_set']['findings'])} findings; "
+            f"head: {pretraining.get('head')}" if pretraining.get("label_set") else "") + ")"),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {label} | {_cell(value)} |" for label, value in rows) + \
         f"\n\n{accounting['composition_note']}"

@@ -101,7 +101,9 @@ def build_certificate(ledger: Ledger, extra_non_dp_uses: tuple[dict, ...] = ()) 
         "images_per_patient": {"max_in_training_set": notes.get("images_per_patient_max"),
                                "max_per_step": notes.get("max_images_per_patient_per_step")},
         "non_dp_uses_of_private_data": uses,
-        "public_pretraining": {"weights": notes.get("pretrained_weights"), "data": notes.get("pretrained_on")},
+        "public_pretraining": {"weights": notes.get("pretrained_weights"), "data": notes.get("pretrained_on"),
+                               # The body's label set (its findings) and whether the head was carried or new.
+                               "label_set": notes.get("pretrained_label_set"), "head": notes.get("pretrained_head")},
         "noise": {"generator": notes.get("noise_rng"), "normalisation": notes.get("normalisation"),
                   "added": notes.get("noise_added")},
         "clipping": {"engine": notes.get("clipping_engine")},

@@ -19,6 +19,7 @@ from dpmedtf.privacy.engines import get_engine
 from dpmedtf.privacy.mechanism import run_notes
 from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.randomness import RunSecret
+from dpmedtf.training.network import pretraining_of
 from dpmedtf.training.losses import inverse_frequency_weights, prior_weights
 from dpmedtf.training.plan import TrainingPlan
 
@@ -46,6 +47,8 @@ def class_weights(config: JobConfig, plan: TrainingPlan, labels: np.ndarray, tra
 
 def initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData, secret: RunSecret,
                    count_release) -> Ledger:
+    label_set = prepared.cohort.label_set or label_sets.preset(label_sets.default_preset(prepared.spec.modality))
+    pretraining = pretraining_of(config, label_set)
     ledger = plan.mechanism.new_ledger(epsilon_budget=plan.epsilon_budget, notes={
         **run_notes(experiment=secret.is_experiment, secure_rng=config.privacy.secure_rng,
                     engine=get_engine(plan.clipping)),
@@ -54,7 +57,9 @@ def initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData
                                       .groupby("patient_id").size().max()),
         "allow_large_delta": config.privacy.allow_large_delta,
         "pretrained_weights": str(config.model.pretrained_weights) if config.model.pretrained_weights else None,
-        "pretrained_on": config.model.pretrained_on,
+        "pretrained_on": pretraining.data if pretraining else None,
+        "pretrained_label_set": pretraining.label_set if pretraining else None,
+        "pretrained_head": pretraining.head if pretraining else None,
         "synthetic_data": prepared.cohort.synthetic,
         # Rows data.skip_bad left out as unreadable: the certificate's data section states them.
         "quarantined_rows": int(len(prepared.quarantine)),
