@@ -72,11 +72,12 @@ class Finding:
             if grade == 1 and self.grade_names[1] == "uncertain" and self.first_positive_grade > 1:
                 return _POLICY_VALUE[self.uncertain]
             return float(grade >= self.first_positive_grade)
-        if self.rule == "chexpert" and text in _UNCERTAIN:
+        number = _number(text)
+        if self.rule == "chexpert" and (text in _UNCERTAIN or number == -1):
             return _POLICY_VALUE[self.uncertain]
-        if text in _TRUE:
+        if text in _TRUE or number == 1:
             return 1.0
-        if text in _FALSE:
+        if text in _FALSE or number == 0:
             return 0.0
         if self.rule == "chexpert":
             raise ValueError(f"unknown label {value!r} for {self.column}; use 1, 0, -1 (uncertain) or leave it blank")
@@ -90,6 +91,13 @@ class Finding:
         return {"name": self.name, "column": self.column, "rule": self.rule, "uncertain": self.uncertain,
                 "blank": self.blank, **({"first_positive_grade": self.first_positive_grade,
                                          "grade_names": list(self.grade_names)} if self.rule == "graded" else {})}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _grade(finding: Finding, text: str) -> int:
