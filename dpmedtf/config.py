@@ -405,7 +405,7 @@ def _check_fairness(job: JobConfig, ctx: _Context) -> None:
             raise ctx.fail(where, "give bins or quantiles, not both")
         if item.bins is not None and list(item.bins) != sorted(set(item.bins)):
             raise ctx.fail(f"{where}.bins", f"must be increasing, got {list(item.bins)}")
-        if attribute_.name in FRAME_COLUMNS | finding_names or (attribute_.name == "sex" and attribute_.numeric):
+        if attribute_.name in FRAME_COLUMNS | finding_names:
             raise ctx.fail(f"{where}.name", f"{attribute_.name!r} is taken (a column dpmedtf keeps, or a finding); "
                                             "give the attribute another name")
         if item.column == "sex" and attribute_.numeric:

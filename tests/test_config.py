@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from dpmedtf.config import JobConfig, config_to_dict, describe, load_config
@@ -94,3 +96,55 @@ def test_every_setting_is_documented():
     rows = describe()
     assert ("privacy.delta", "6e-06", "δ; must be < 1/N (paper: 6e-6 for 153,502 images)") in rows
     assert all(doc for _, _, doc in rows)
+
+
+def test_labels_and_fairness_sections_resolve_to_label_sets_and_groupings(tmp_path):
+    from dpmedtf.data import attributes, label_sets
+
+    cfg = load_config(write(tmp_path, """
+privacy: {enabled: false}
+labels:
+  findings:
+    - {name: effusion, column: Pleural Effusion, rule: chexpert, uncertain: ones}
+    - {name: nodule, rule: binary, blank: ignore}
+    - {name: oedema, column: edema_grade, rule: graded, first_positive_grade: 3}
+  uncertain: zeros
+fairness:
+  attributes: [sex, age, site, {column: bmi, bins: [0, 18.5, 25, 30]}, {column: race, required: true}]
+  intersections: [[race, sex], [sex, age_group]]
+"""))
+    labels = label_sets.from_config(cfg.labels, "radiograph")
+    assert labels.names == ("effusion", "nodule", "oedema") and labels.columns[0] == "Pleural Effusion"
+    effusion, nodule, oedema = labels.findings
+    assert (effusion.parse("-1"), effusion.parse(""), nodule.parse("yes"), oedema.parse("uncertain")) == (1.0, 0.0, 1.0, 0.0)
+    assert np.isnan(nodule.parse("")) and oedema.parse("2") == 0.0 and oedema.parse("moderate") == 1.0
+    with pytest.raises(ValueError, match="unknown label 'maybe'"):
+        nodule.parse("maybe")
+    spec = attributes.from_config(cfg.fairness, "radiograph")
+    assert spec.names == ("sex", "age_group", "site", "bmi_group", "race", "race_x_sex", "sex_x_age")
+    assert attributes.bin_label(spec.attributes[3].bins, 24.9) == "18.5-<25"
+    assert attributes.bin_label(spec.attributes[1].bins, 85) == "80+" and spec.attributes[4].required
+    shorthand = load_config(write(tmp_path, "privacy: {enabled: false}\nlabels: chexpert\n"))
+    assert label_sets.from_config(shorthand.labels, "radiograph").names[0] == "no_finding"
+    default = load_config(write(tmp_path, "privacy: {enabled: false}\n"))
+    assert label_sets.from_config(default.labels, "radiograph").names == label_sets.preset("uka-cxr").names
+    assert label_sets.from_config(default.labels, "volume").names == ("label",)
+    assert attributes.from_config(default.fairness, "radiograph") == attributes.default_spec("radiograph")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("labels: {preset: mimic}", "labels.preset: must be one of 'uka-cxr', 'chexpert', 'binary'"),
+    ("labels: {preset: chexpert, findings: [{name: a}]}", "labels: give either preset or findings"),
+    ("labels: {findings: [{name: a}, {name: a}]}", "a is repeated"),
+    ("labels: {findings: [{name: a, rule: chexpert, uncertain: maybe}]}", "uncertain: must be one of"),
+    ("labels: {findings: [{name: split}]}", "'split' is a column dpmedtf keeps"),
+    ("fairness: {intersections: [[race, sex]]}", "must pair two of the attributes ['sex', 'age_group']"),
+    ("fairness: {attributes: [{column: bmi, bins: [30, 20]}]}", "bins: must be increasing"),
+    ("fairness: {attributes: [{column: sex, bins: [1, 2]}]}", "sex is categorical"),
+    ("fairness: {attributes: [{column: age, name: split}]}", "is taken"),
+    ("fairness: {attributes: [site, site]}", "site is repeated"),
+])
+def test_labels_and_fairness_mistakes_are_named(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "privacy: {enabled: false}\n" + text + "\n"))
+    assert fragment in str(info.value)
