@@ -388,7 +388,10 @@ def fairness_markdown(report: Mapping[str, Any], title: str) -> str:
     lines = [f"# Fairness report: {title}", ""]
     if report.get("synthetic_data"):
         lines += [f"> **{report.get('notice') or 'SYNTHETIC DATA'}**", ""]
-    lines += [f"Test split; groups by sex and age. Findings: {', '.join(report['findings'])}.", "",
+    groupings = report.get("attributes") or list(dict.fromkeys(r["attribute"] for r in report["rows"]))
+    lines += [f"Test split; groups by {', '.join(g.replace('_', ' ') for g in groupings)}. A finding's rows count the "
+              f"images where it is observed (n); 'unknown' holds rows whose attribute is missing. "
+              f"Findings: {', '.join(report['findings'])}.", "",
               "| Attribute | Group | Finding | n | Positives | AUROC (95% CI) | Accuracy | Parity difference | FNR | FPR | ECE | Note |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
