@@ -34,12 +34,12 @@ def test_default_policy_file_is_dpmedtfs_own_and_strict(tmp_path):
 
 
 def test_epsilon_above_the_limit_is_refused(candidate):
-    strict = ReleasePolicy(privacy=PrivacyRules(max_epsilon=1.0), fairness=FairnessRules(attributes=()))
+    strict = ReleasePolicy(privacy=PrivacyRules(max_epsilon=1.0), fairness=FairnessRules(attributes=(), check_job_attributes=False))
     assert rules_broken(strict, candidate) == ["privacy.max_epsilon"]
 
 
 def test_delta_at_or_above_one_over_n_is_refused(candidate):
-    relaxed = ReleasePolicy(fairness=FairnessRules(attributes=()))
+    relaxed = ReleasePolicy(fairness=FairnessRules(attributes=(), check_job_attributes=False))
     n = candidate.ledger.dataset_size
     large = dataclasses.replace(candidate.ledger, delta=1.0 / n, notes={**candidate.ledger.notes, "allow_large_delta": True})
     assert rules_broken(relaxed, candidate, large) == ["privacy.require_delta_below_one_over_n"]
@@ -57,7 +57,7 @@ def test_fairness_limits_are_checked_on_groups_large_enough(candidate):
 
 
 def test_parity_failure_is_a_policy_violation(candidate):
-    relaxed = ReleasePolicy(fairness=FairnessRules(attributes=()))
+    relaxed = ReleasePolicy(fairness=FairnessRules(attributes=(), check_job_attributes=False))
     assert rules_broken(relaxed, candidate, parity={"max_abs_difference": 0.2, "passed": False}) == [
         "export.max_parity_difference"]
 
@@ -90,7 +90,7 @@ def test_patient_level_epsilon_experiments_and_exact_class_counts_break_the_defa
     each way a run can fall short of them is refused by its own rule."""
     from dpmedtf.privacy.ledger import Ledger
 
-    privacy_only = ReleasePolicy(fairness=FairnessRules(attributes=()))
+    privacy_only = ReleasePolicy(fairness=FairnessRules(attributes=(), check_job_attributes=False))
     assert rules_broken(privacy_only, candidate) == []
     ledger = candidate.ledger
     per_image = Ledger(dataset_size=60, batch_size=ledger.batch_size, delta=ledger.delta, accountant="pld",
@@ -102,5 +102,21 @@ def test_patient_level_epsilon_experiments_and_exact_class_counts_break_the_defa
     exact = ledger.with_non_dp_use("class weights", "inverse class frequencies counted exactly", private_data_used=True)
     assert rules_broken(privacy_only, candidate, exact) == ["privacy.forbidden_non_dp_uses"]
     relaxed = ReleasePolicy(privacy=PrivacyRules(forbidden_non_dp_uses=(), require_secret_randomness=False,
-                                                 max_patient_epsilon=None), fairness=FairnessRules(attributes=()))
+                                                 max_patient_epsilon=None), fairness=FairnessRules(attributes=(), check_job_attributes=False))
     assert rules_broken(relaxed, candidate, experiment) == rules_broken(relaxed, candidate, exact) == []
+
+
+def test_the_jobs_own_attributes_are_held_to_the_limits_too():
+    from dpmedtf.release.policy import _fairness_violations
+
+    def row(attribute, group, auroc):
+        return {"attribute": attribute, "group": group, "finding": "mean", "n": 50, "auroc": auroc,
+                "statistical_parity_difference": 0.0}
+
+    report = {"grouping": {"attributes": [{"name": "sex"}, {"name": "site"}]},
+              "rows": [row("sex", "F", 0.8), row("sex", "M", 0.8), row("site", "site-A", 0.8), row("site", "site-C", 0.5)]}
+    broken = _fairness_violations(FairnessRules(attributes=("sex",)), report)
+    assert [v.rule for v in broken] == ["fairness.min_worst_group_auroc"] and "site = site-C" in broken[0].detail
+    assert _fairness_violations(FairnessRules(attributes=("sex",), check_job_attributes=False), report) == []
+    missing = _fairness_violations(FairnessRules(attributes=("sex", "age_group"), check_job_attributes=False), report)
+    assert [v.detail for v in missing] == ["the fairness report has no rows for 'age_group'"]
