@@ -33,8 +33,12 @@ app.add_typer(preprocess_app, name="preprocess")
 trust_app = typer.Typer(no_args_is_help=True, help="Publishers' public keys you trust: `verify` and `predict` check "
                                                   "bundles against them and name the signer.")
 app.add_typer(trust_app, name="trust")
-data_app = typer.Typer(no_args_is_help=True, help="Cohorts from a hospital archive (DICOMweb) into local files and a manifest.")
+data_app = typer.Typer(no_args_is_help=True, help="Manifests from a hospital archive (DICOMweb) or from public data sets "
+                                                  "(MIMIC-CXR-JPG, CheXpert).")
 app.add_typer(data_app, name="data")
+import_app = typer.Typer(no_args_is_help=True, help="Manifests from public chest radiograph datasets (MIMIC-CXR-JPG, "
+                                                    "CheXpert) with the 14 CheXpert labels (`labels: chexpert`).")
+data_app.add_typer(import_app, name="import")
 
 
 class AccountantChoice(str, Enum):
@@ -709,6 +713,54 @@ def data_export_manifest(dicomweb: str = typer.Option(..., "--dicomweb", help="T
                    f"are empty), e.g. {exported.unlabelled_studies[0]}", err=True)
     if exported.unused_label_rows:
         typer.echo(f"note: {exported.unused_label_rows} row(s) of {labels} match no exported study", err=True)
+
+
+# --- manifests from public data -----------------------------------------------------------------------
+
+_IMPORT_OUT = typer.Option(..., "--out", help="The manifest CSV to write.")
+_IMPORT_VIEWS = typer.Option(None, "--views", help="Views to keep (repeat, or separate by commas): frontal (the "
+                             "default), lateral, all, or a view as the dataset writes it (PA, AP, LL, ...).")
+_IMPORT_FORCE = typer.Option(False, "--force", help="Replace an existing --out.")
+
+
+def _report_import(imported) -> None:
+    typer.echo(f"wrote {imported.manifest}: {imported.images} image(s) of {imported.patients} patient(s)")
+    typer.echo(imported.summary(), err=True)
+
+
+@import_app.command("mimic-cxr")
+def data_import_mimic_cxr(labels: Path = typer.Option(..., "--labels", help="mimic-cxr-2.0.0-chexpert.csv (or "
+                                                                            "-negbio.csv; .csv.gz is read too)."),
+                          metadata: Path = typer.Option(..., "--metadata", help="mimic-cxr-2.0.0-metadata.csv."),
+                          patients: Path = typer.Option(..., "--patients", help="MIMIC-IV hosp/patients.csv: sex and "
+                                                                                "age."),
+                          images_root: Path = typer.Option(..., "--images-root", help="The MIMIC-CXR-JPG folder that "
+                                                                                      "holds files/p10/..."),
+                          out: Path = _IMPORT_OUT,
+                          split: Optional[Path] = typer.Option(None, "--split", help="mimic-cxr-2.0.0-split.csv: "
+                                                                                     "the official split."),
+                          admissions: Optional[Path] = typer.Option(None, "--admissions", help="MIMIC-IV hosp/"
+                                                                    "admissions.csv: race and insurance columns."),
+                          views: Optional[list[str]] = _IMPORT_VIEWS, force: bool = _IMPORT_FORCE) -> None:
+    """A manifest of MIMIC-CXR-JPG: one row per image of a labelled study; every image left out is counted."""
+    from dpmedtf.data.public_import import DEFAULT_VIEWS, import_mimic_cxr
+
+    _report_import(import_mimic_cxr(labels=labels, metadata=metadata, patients=patients, images_root=images_root,
+                                    out=out, split=split, admissions=admissions, views=views or DEFAULT_VIEWS,
+                                    force=force))
+
+
+@import_app.command("chexpert")
+def data_import_chexpert(table: Path = typer.Argument(..., help="CheXpert's train.csv or valid.csv."),
+                         images_root: Path = typer.Option(..., "--images-root", help="The folder that holds "
+                                                          "CheXpert-v1.0(-small)/, where the Path column starts."),
+                         out: Path = _IMPORT_OUT, views: Optional[list[str]] = _IMPORT_VIEWS,
+                         force: bool = _IMPORT_FORCE) -> None:
+    """A manifest of CheXpert: one row per image; every image left out is counted."""
+    from dpmedtf.data.public_import import DEFAULT_VIEWS, import_chexpert
+
+    _report_import(import_chexpert(table, images_root=images_root, out=out, views=views or DEFAULT_VIEWS,
+                                   force=force))
 
 
 # --- trust store -------------------------------------------------------------------------------------
