@@ -90,8 +90,12 @@ def load_manifest(path: str | Path, modality: Modality, split_fractions=(0.7, 0.
         other = next((m for m, column in PATH_COLUMN.items() if m != modality and column in header), None)
         hint = (f" (its {PATH_COLUMN[other]} column makes it a {other} manifest: set data.modality: {other})"
                 if other else "")
-        labels_hint = (f"; the findings are those of the label set {label_set.name!r} (set labels: in the job for "
-                       "another)" if any(c in label_set.columns for c in missing) else "")
+        looks_chexpert = sum(c.lower() in {h.lower() for h in header} for c in label_sets.CHEXPERT_COLUMNS) >= 7
+        labels_hint = ("" if not any(c in label_set.columns for c in missing) else
+                       f"; the findings are those of the label set {label_set.name!r}" +
+                       ("; its header has the CheXpert observations: set labels: chexpert in the job (or --labels "
+                        "chexpert)" if looks_chexpert and label_set.name != "chexpert" else
+                        " (set labels: in the job for another)"))
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a {modality} manifest needs "
                         f"{', '.join(required)} and optionally split{hint}{labels_hint}")
     absent = [c for c in extra_columns if c not in header]

@@ -203,3 +203,55 @@ def test_ct_manifest_labels_and_age_quartiles(synthetic_cohort, tmp_path):
     with pytest.raises(DataError, match="line 2: unknown label 'maybe'; use 0 or 1"):
         load_manifest(bad, "volume")
     assert detect_modality(bad) == "volume"
+
+
+def test_chexpert_manifest_with_more_sexes_and_any_attribute(tmp_path):
+    from dpmedtf.data import attributes, label_sets
+
+    columns = label_sets.CHEXPERT_COLUMNS
+    header = "image_path,patient_id,sex,age,site,race," + ",".join(f'"{c}"' for c in columns)
+    cells = ["1.0", "-1.0", ""] + ["0.0"] * (len(columns) - 3)
+    lines = [header,
+             ",".join(["a.jpg", "P1", "Female", "64", "site-A", "group-1", *cells]),
+             ",".join(["b.jpg", "P2", "diverse", "", "site-B", "", *cells]),
+             ",".join(["c.jpg", "P3", "", "81", "", "group-2", *cells]),
+             ",".join(["d.jpg", "P1", "unknown", "65", "site-A", "group-1", *cells])]  # P1's sex unknown here: no conflict
+    path = write_csv(tmp_path, lines)
+    spec = attributes.FairnessSpec(attributes=(attributes.attribute("sex"), attributes.attribute("age"),
+                                               attributes.attribute("site"), attributes.attribute("race")),
+                                   intersections=(attributes.Intersection(first="race", second="sex"),))
+    cohort = load_manifest(path, "radiograph", label_set=label_sets.preset("chexpert"), fairness=spec)
+    frame = cohort.frame
+    assert frame["sex"].tolist() == ["F", "other", "unknown", "unknown"]
+    assert frame["age_group"].tolist() == ["60-69", "unknown", "80+", "60-69"]
+    assert frame["site"].tolist() == ["site-A", "site-B", "unknown", "site-A"]
+    assert frame["race"].tolist() == ["group-1", "unknown", "group-2", "group-1"]
+    labels = cohort.labels()
+    assert labels[0, 0] == 1.0 and np.isnan(labels[0, 1]) and labels[0, 2] == 0.0  # uncertain ignored, blank 0
+    table = cohort_table(cohort)
+    assert table.loc["sex other", "total"] == 1 and table.loc["site unknown", "total"] == 1
+    assert table.loc["enlarged_cardiomediastinum not observed", "total"] == 4
+
+    required = attributes.FairnessSpec(attributes=(attributes.attribute("sex"),
+                                                   attributes.attribute("site", required=True)))
+    with pytest.raises(DataError, match="line 4: site '' is missing or not recognised, and fairness.attributes marks "
+                                        "site required"):
+        load_manifest(path, "radiograph", label_set=label_sets.preset("chexpert"), fairness=required)
+    absent = attributes.FairnessSpec(attributes=(attributes.attribute("insurance"),))
+    with pytest.raises(DataError, match="fairness.attributes names column\\(s\\) insurance, which the manifest does not"):
+        load_manifest(path, "radiograph", label_set=label_sets.preset("chexpert"), fairness=absent)
+    with pytest.raises(DataError, match="missing column\\(s\\) congestion.*the label set 'uka-cxr'; its header has the CheXpert observations: set labels: chexpert"):
+        load_manifest(path, "radiograph")
+
+
+def test_a_ct_manifest_may_carry_several_labels(tmp_path):
+    from dpmedtf.config import LabelsConfig, config_from_mapping
+    from dpmedtf.data import label_sets
+
+    path = write_csv(tmp_path, ["volume_path,patient_id,sex,age,tumour,Metastasis",
+                                "a.nii.gz,P1,M,70,1,no", "b.nii.gz,P2,F,55,0,yes", "c.nii.gz,P3,F,60,1,"])
+    config = config_from_mapping({"findings": [{"name": "tumour"}, {"name": "metastasis", "column": "metastasis",
+                                                                    "blank": "ignore"}]}, LabelsConfig)
+    cohort = load_manifest(path, "volume", label_set=label_sets.from_config(config, "volume"))
+    assert cohort.label_names == ("tumour", "metastasis")  # the header's capital M matched regardless
+    np.testing.assert_array_equal(cohort.labels(), [[1, 0], [0, 1], [1, np.nan]])
