@@ -41,6 +41,11 @@ import_app = typer.Typer(no_args_is_help=True, help="Manifests from public chest
 data_app.add_typer(import_app, name="import")
 
 
+class Convention(str, Enum):
+    uka_cxr = "uka-cxr"
+    chexpert = "chexpert"
+
+
 class AccountantChoice(str, Enum):
     pld = "pld"
     rdp = "rdp"
@@ -243,11 +248,15 @@ def prepare(manifest: Path = typer.Argument(..., help="Radiograph or CT manifest
 def synthetic(out: Path = typer.Option(..., "--out", help="Directory for the synthetic cohort."),
               patients: int = typer.Option(120, "--patients", min=1),
               volumes: int = typer.Option(0, "--volumes", min=0, help="Also write this many CT-like volumes."),
-              seed: int = typer.Option(0, "--seed")) -> None:
+              seed: int = typer.Option(0, "--seed"),
+              convention: Convention = typer.Option(Convention.uka_cxr, "--convention", help="Radiograph labels: "
+                                                    "uka-cxr (8 findings graded 0–4) or chexpert (14 observations with "
+                                                    "uncertain -1.0 and blank entries; train with labels: chexpert).")) -> None:
     """Write the SYNTHETIC demo cohort (generated images, not patients) with its manifests."""
     from dpmedtf.data.synthetic import NOTICE, SyntheticCohortSpec, write_synthetic_cohort
 
-    written = write_synthetic_cohort(out, SyntheticCohortSpec(patients=patients, volumes=volumes, seed=seed))
+    written = write_synthetic_cohort(out, SyntheticCohortSpec(patients=patients, volumes=volumes, seed=seed,
+                                                              convention=convention.value))
     for kind, path in written.items():
         typer.echo(f"{kind} manifest: {path}")
     typer.echo(NOTICE)

@@ -75,3 +75,43 @@ def test_ct_lesion_only_in_positive_cases(synthetic_cohort):
     assert (positive < negative - 40).sum() > 20
     frame = load_manifest(synthetic_cohort["volume"], "volume").frame
     assert nib.load(frame.loc[0, "path"]).shape == (40, 40, 20)
+
+
+def test_the_chexpert_convention_cohort_has_uncertain_and_blank_entries_and_more_attributes(tmp_path):
+    from dpmedtf.data import label_sets
+
+    manifest = write_synthetic_cohort(tmp_path / "c", SyntheticCohortSpec(patients=60, image_size=32, seed=5,
+                                                                          convention="chexpert"))["radiograph"]
+    raw = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    cells = raw[list(label_sets.CHEXPERT_COLUMNS)]
+    assert set(cells.stack()) == {"1.0", "0.0", "-1.0", ""}
+    assert not set(L.FINDINGS) & set(raw.columns) and raw["synthetic"].eq("true").all()
+    assert (raw.groupby("patient_id")[["site", "race", "sex"]].nunique() == 1).all().all()
+    assert raw["site"].nunique() == 3 and "unknown" in set(raw["sex"])
+    no_finding = raw["No Finding"] == "1.0"
+    others = cells.drop(columns=["No Finding", "Support Devices"])
+    assert not (others[no_finding].isin(["1.0", "-1.0"])).any().any()  # No Finding only when nothing else is
+    cohort = load_manifest(manifest, "radiograph", label_set=label_sets.preset("chexpert"))
+    labels = cohort.labels()
+    assert np.isnan(labels).any() and np.isnan(labels).sum() == (cells == "-1.0").to_numpy().sum()
+    assert cohort.synthetic
+
+
+def test_site_and_race_leave_the_uka_cohort_of_a_seed_as_it_was(tmp_path):
+    """Recorded before site and race existed: the first rows of seed 0 (12 patients, 32 px)."""
+    manifest = write_synthetic_cohort(tmp_path / "u", SyntheticCohortSpec(patients=12, image_size=32, seed=0))["radiograph"]
+    raw = pd.read_csv(manifest)
+    assert {"site", "race"} <= set(raw.columns)
+    assert (raw.groupby("patient_id")[["site", "race"]].nunique() == 1).all().all()
+    recorded = raw.drop(columns=["site", "race"])
+    assert recorded.iloc[:3].to_dict("list") == EXPECTED_FIRST_ROWS
+
+
+EXPECTED_FIRST_ROWS = {  # written by the generator before site and race were added
+    "image_path": ["images/synthetic_SYN00000_0.png", "images/synthetic_SYN00001_0.png", "images/synthetic_SYN00001_1.png"],
+    "patient_id": ["SYN00000", "SYN00001", "SYN00001"], "sex": ["M", "F", "F"], "age": [39, 54, 55],
+    "cardiomegaly": ["3", "normal", "massively enlarged"], "congestion": ["0", "uncertain", "0"],
+    "pleural_effusion_right": ["negative", "negative", "negative"], "pleural_effusion_left": ["negative", "negative", "mild"],
+    "pneumonic_infiltrates_right": ["4", "1", "0"], "pneumonic_infiltrates_left": ["moderate", "negative", "0"],
+    "atelectasis_right": ["uncertain", "negative", "0"], "atelectasis_left": ["negative", "2", "negative"],
+    "synthetic": [True, True, True]}
