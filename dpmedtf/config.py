@@ -356,6 +356,9 @@ def resolve(job: JobConfig, source: str = "<config>") -> JobConfig:
     stages = job.pipeline.stages
     if not stages or list(stages) != [s for s in STAGES if s in stages]:
         raise ctx.fail("pipeline.stages", f"must be distinct stages in the order {list(STAGES)}, got {list(stages)}")
+    if job.labels.preset is None and not job.labels.findings:  # the resolved job names its label set
+        job = dataclasses.replace(job, labels=dataclasses.replace(
+            job.labels, preset=label_sets.default_preset(job.data.modality)))
     if job.privacy.epsilon_sweep:
         return job  # each run of the sweep is resolved for its own regime (training.job.sweep_members)
     return dataclasses.replace(

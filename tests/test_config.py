@@ -128,7 +128,10 @@ fairness:
     assert label_sets.from_config(shorthand.labels, "radiograph").names[0] == "no_finding"
     default = load_config(write(tmp_path, "privacy: {enabled: false}\n"))
     assert label_sets.from_config(default.labels, "radiograph").names == label_sets.preset("uka-cxr").names
-    assert label_sets.from_config(default.labels, "volume").names == ("label",)
+    assert default.labels.preset == "uka-cxr"  # the resolved job names its label set
+    ct = load_config(write(tmp_path, "privacy: {enabled: false}\ndata: {modality: volume}\n"))
+    assert ct.labels.preset == "binary" and label_sets.from_config(ct.labels, "volume").names == ("label",)
+    assert label_sets.from_config(None, "volume").names == ("label",)
     assert attributes.from_config(default.fairness, "radiograph") == attributes.default_spec("radiograph")
 
 
