@@ -128,7 +128,7 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class FindingConfig:
-    name: str = option("finding", "the finding's name: the model output, the metrics and the bundle's label")
+    name: Optional[str] = option(None, "the finding's name (required): the model output, the metrics and the bundle's label")
     column: Optional[str] = option(None, "manifest column holding it (default: name)")
     rule: Literal["graded", "binary", "chexpert"] = option("binary", "how a cell becomes a label: graded (0–4 or grade names; present from first_positive_grade), binary (0/1, yes/no, true/false) or chexpert (1, 0, −1 uncertain, blank)")
     uncertain: Optional[Literal["ones", "zeros", "ignore"]] = option(None, "an uncertain value (graded: the grade named 'uncertain'; chexpert: −1) counts as present (ones), absent (zeros) or not observed (ignore: it adds nothing to loss, class counts or metrics); default: the label set's, else zeros (chexpert rule: ignore)")
@@ -149,7 +149,7 @@ class LabelsConfig:
 @dataclass(frozen=True)
 class AttributeConfig:
     SHORTHAND: ClassVar[str] = "column"  # `- race` means `- {column: race}`
-    column: str = option("sex", "manifest column of the sensitive attribute (sex, age, site, race, view_position, …)")
+    column: Optional[str] = option(None, "manifest column of the sensitive attribute (required): sex, age, site, race, view_position, …")
     name: Optional[str] = option(None, "name of the attribute in the report (default: the column; a binned column: <column>_group, so age → age_group)")
     bins: Optional[tuple[float, ...]] = option(None, "numeric column: bin edges, e.g. [0, 30, 60, 70, 80] → 0-29, 30-59, …, 80+ (age's default for radiographs: these paper bins)")
     quantiles: Optional[int] = option(None, "numeric column: bin into this many quantile groups of the cohort (age's default for CT: 4)", ge=2, le=20)
@@ -378,6 +378,9 @@ def _check_labels(labels: LabelsConfig, ctx: _Context) -> None:
     if labels.preset is not None and labels.preset not in label_sets.preset_names():
         raise ctx.fail("labels.preset", f"must be one of {', '.join(map(repr, label_sets.preset_names()))}, "
                                         f"got {labels.preset!r} (or list the findings under labels.findings)")
+    for i, finding in enumerate(labels.findings or ()):
+        if finding.name is None:
+            raise ctx.fail(f"labels.findings[{i}]", "needs a name (and, if the manifest column is named otherwise, a column)")
     for kind, values in (("name", [f.name for f in labels.findings or ()]),
                          ("column", [f.column or f.name for f in labels.findings or ()])):
         repeated = sorted({v for v in values if values.count(v) > 1})
@@ -400,6 +403,9 @@ FRAME_COLUMNS = frozenset({"path", "manifest_path", "patient_id", "age", "split"
 
 
 def _check_fairness(job: JobConfig, ctx: _Context) -> None:
+    for i, item in enumerate(job.fairness.attributes):
+        if item.column is None:
+            raise ctx.fail(f"fairness.attributes[{i}]", "needs a column (the manifest column to group by)")
     spec = attributes.from_config(job.fairness, job.data.modality)
     finding_names = set(label_sets.from_config(job.labels, job.data.modality).names)
     for i, (item, attribute_) in enumerate(zip(job.fairness.attributes, spec.attributes)):
@@ -446,4 +452,17 @@ def describe(cls: type = JobConfig, prefix: str = "") -> list[tuple[str, str, st
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((key, repr(config_to_dict(default)), f.metadata.get("doc", "")))
+            item = _list_item_dataclass(hints[f.name])
+            if item is not None:  # a list of settings blocks (labels.findings, fairness.attributes): their keys too
+                rows.extend(describe(item, f"{key}[]"))
     return rows
+
+
+def _list_item_dataclass(tp: Any) -> type | None:
+    """The dataclass of a ``tuple[Dataclass, ...]`` (or Optional of it) field, else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
+    for arg in args:
+        inner = typing.get_args(arg)
+        if typing.get_origin(arg) is tuple and len(inner) == 2 and inner[1] is Ellipsis and dataclasses.is_dataclass(inner[0]):
+            return inner[0]
+    return None

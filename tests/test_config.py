@@ -146,6 +146,8 @@ fairness:
     ("fairness: {attributes: [{column: sex, bins: [1, 2]}]}", "sex is categorical"),
     ("fairness: {attributes: [{column: age, name: split}]}", "is taken"),
     ("fairness: {attributes: [site, site]}", "site is repeated"),
+    ("labels: {findings: [{column: ptx}]}", "labels.findings[0]: needs a name"),
+    ("fairness: {attributes: [{bins: [1, 2]}]}", "fairness.attributes[0]: needs a column"),
 ])
 def test_labels_and_fairness_mistakes_are_named(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as info:
