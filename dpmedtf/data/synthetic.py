@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,7 @@ class SyntheticCohortSpec:
     """Number of CT-like NIfTI volumes (one per extra patient); 0 writes no CT cohort."""
     volume_shape: tuple[int, int, int] = (48, 48, 24)
     """(H, W, D) voxels of the generated volumes."""
-    convention: str = "uka-cxr"
+    convention: Literal["uka-cxr", "chexpert"] = "uka-cxr"
     """Radiograph labels: uka-cxr (the eight findings graded 0–4) or chexpert (the 14 CheXpert observations as
     1.0 / 0.0 / -1.0 uncertain / blank, some sex 'unknown'; a job reads them with ``labels: chexpert``)."""
     seed: int = 0
@@ -71,7 +72,7 @@ CHEXPERT_PREVALENCE = {"Enlarged Cardiomediastinum": 0.08, "Cardiomegaly": 0.3, 
                        "Lung Lesion": 0.05, "Edema": 0.2, "Consolidation": 0.1, "Pneumonia": 0.08,
                        "Atelectasis": 0.2, "Pneumothorax": 0.08, "Pleural Effusion": 0.3, "Pleural Other": 0.03,
                        "Fracture": 0.05, "Support Devices": 0.4}
-UNCERTAIN_SHARE, MENTIONED_NEGATIVE_SHARE, UNKNOWN_SEX_SHARE = 0.08, 0.3, 0.05
+UNCERTAIN_SHARE, MENTIONED_NEGATIVE_SHARE, UNKNOWN_SEX_SHARE = 0.08, 0.3, 0.03
 
 
 def write_synthetic_cohort(out_dir: str | Path, spec: SyntheticCohortSpec = SyntheticCohortSpec()) -> dict[str, Path]:
@@ -112,7 +113,8 @@ def write_synthetic_cohort(out_dir: str | Path, spec: SyntheticCohortSpec = Synt
             if rng.random() < spec.dicom_fraction:
                 monochrome1 = rng.random() < spec.monochrome1_fraction
                 path = out / "images" / f"{stem}.dcm"
-                _write_dicom(path, pixels, patient_id, sex, age, monochrome1, rng)
+                # An unrecorded sex is an empty PatientSex (DICOM's 'unknown'), as the manifest says.
+                _write_dicom(path, pixels, patient_id, "" if written_sex == "unknown" else sex, age, monochrome1, rng)
             else:
                 path = out / "images" / f"{stem}.png"
                 _write_png(path, pixels)

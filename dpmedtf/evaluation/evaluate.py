@@ -46,7 +46,7 @@ def predict(model: tf.keras.Model, prepared: PreparedData, split: str, batch_siz
             out[name] = frame[name].to_numpy()
     for j, name in enumerate(prepared.cohort.label_names):
         # 1, 0, or empty where the label is not observed (an ignore policy): nullable integers in the CSV.
-        out[f"{name}_true"] = pd.Series(labels[:, j]).astype("Int64").to_numpy()
+        out[f"{name}_true"] = pd.Series(labels[:, j], index=out.index).astype("Int64")
         out[f"{name}_prob"] = probabilities[:, j]
     return out
 
@@ -72,7 +72,7 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
     thresholds = {name: youden_threshold(*observed(validation, name)) for name in names}
     not_evaluable = single_class_findings(validation, test, names)
     for name, reasons in not_evaluable.items():
-        print(f"warning: {name}: {'; '.join(reasons)}", file=sys.stderr, flush=True)
+        print(f"warning: {name}: {'; '.join(reasons.values())}", file=sys.stderr, flush=True)
 
     y = test[[f"{n}_true" for n in names]].to_numpy(float, na_value=np.nan)  # NaN: not observed
     p = test[[f"{n}_prob" for n in names]].to_numpy()
@@ -124,7 +124,8 @@ def single_class_findings(validation: pd.DataFrame, test: pd.DataFrame, names) -
             values = values[np.isfinite(values)]  # the rows where the finding is observed
             if len(values) and values.min() != values.max():
                 continue
-            holds = "no images" if not len(values) else ("only positives" if values.min() == 1 else "only negatives")
+            holds = ("no images" if not len(frame) else "no image where it is observed" if not len(values)
+                     else "only positives" if values.min() == 1 else "only negatives")
             found.setdefault(name, {})[split] = f"the {split} split holds {holds} ({len(values)} image(s)): {consequence[split]}"
     return found
 

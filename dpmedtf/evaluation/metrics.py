@@ -12,9 +12,10 @@ from sklearn.metrics import roc_curve
 
 def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold maximising sensitivity + specificity − 1 (ties: the highest such threshold).
-    Defined on validation predictions; 0.5 when the labels hold a single class."""
+    Defined on validation predictions; 0.5 when the labels hold a single class or none (a finding never
+    observed on validation)."""
     y_true = np.asarray(y_true)
-    if y_true.min() == y_true.max():
+    if y_true.size == 0 or y_true.min() == y_true.max():
         return 0.5
     fpr, tpr, thresholds = roc_curve(y_true, scores)
     finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (nothing predicted positive)
@@ -38,7 +39,8 @@ def binary_rates(y_true: np.ndarray, predicted: np.ndarray) -> BinaryRates:
     tp, tn = (y_true & predicted).sum(), (~y_true & ~predicted).sum()
     sensitivity = tp / positives if positives else float("nan")
     specificity = tn / negatives if negatives else float("nan")
-    return BinaryRates(float(sensitivity), float(specificity), float((tp + tn) / len(y_true)),
+    accuracy = (tp + tn) / len(y_true) if len(y_true) else float("nan")  # a finding observed on no image
+    return BinaryRates(float(sensitivity), float(specificity), float(accuracy),
                        float(1 - sensitivity), float(1 - specificity))
 
 

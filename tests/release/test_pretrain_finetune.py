@@ -68,6 +68,9 @@ def test_chexpert_pretraining_then_dp_finetuning_on_uka_labels_audited_by_site_a
     report = json.loads((bundle / "fairness_report.json").read_text())
     assert {"sex", "age_group", "site", "race", "sex_x_age", "race_x_sex"} <= {r["attribute"] for r in report["rows"]}
     predictions = pd.read_csv(next(out.rglob("predictions.csv")))
+    written = pd.read_csv(next(out.rglob("predictions.csv")), dtype=str, keep_default_na=False)
+    assert set(written[[f"{f}_true" for f in L.FINDINGS]].stack()) <= {"0", "1"}  # labels stay integers in the CSV
+    assert {"site", "race"} <= set(written.columns)
     thresholds = json.loads(next(out.rglob("thresholds.json")).read_text())
     frame = predictions.assign(race_x_sex=predictions["race"].astype(str) + " × " + predictions["sex"].astype(str))
     for attribute in ("site", "race_x_sex"):
