@@ -109,8 +109,7 @@ def from_config(fairness, modality: str) -> FairnessSpec:
 
 def parse_sex(value) -> str:
     """F, M, other, or unknown (missing or unrecognised)."""
-    text = str(value).strip().lower() if value is not None else ""
-    return L.parse_sex_or_none(text) or UNKNOWN
+    return L.parse_sex_or_none(value) or UNKNOWN
 
 
 def is_missing(value) -> bool:
@@ -177,9 +176,9 @@ def group_order_key(group: str) -> tuple:
         return (1, 0.0, group)
 
 
-def with_intersections(frame: pd.DataFrame, spec: FairnessSpec) -> pd.DataFrame:
+def with_intersections(frame: pd.DataFrame, intersections: Sequence[Intersection]) -> pd.DataFrame:
     """``frame`` with a column per intersection: 'F × 60-69'."""
     out = frame.copy()
-    for intersection in spec.intersections:
+    for intersection in intersections:
         out[intersection.name] = out[intersection.first].astype(str) + " × " + out[intersection.second].astype(str)
     return out

@@ -68,7 +68,7 @@ class Finding:
                 raise ValueError(f"{self.column} is empty; give a value, or set labels.blank (zeros or ignore) in the job")
             return _POLICY_VALUE[self.blank]
         if self.rule == "graded":
-            grade = _grade(self, text)
+            grade = L.parse_grade(self.column, text, self.grade_names)
             if grade == 1 and self.grade_names[1] == "uncertain" and self.first_positive_grade > 1:
                 return _POLICY_VALUE[self.uncertain]
             return float(grade >= self.first_positive_grade)
@@ -98,20 +98,6 @@ def _number(text: str) -> float | None:
         return float(text)
     except ValueError:
         return None
-
-
-def _grade(finding: Finding, text: str) -> int:
-    if text in finding.grade_names:
-        return finding.grade_names.index(text)
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if number.is_integer() and 0 <= number <= len(finding.grade_names) - 1:
-        return int(number)
-    shown = int(number) if number.is_integer() else repr(text)
-    raise ValueError(f"unknown grade {shown} for {finding.column}; use 0–{len(finding.grade_names) - 1} or one of: "
-                     f"{', '.join(finding.grade_names)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,9 +175,8 @@ def with_policies(label_set: LabelSet, uncertain: str | None = None, blank: str 
 
 def from_config(labels, modality: str) -> LabelSet:
     """The label set a job's ``labels:`` section (a ``config.LabelsConfig``, or None) names for ``modality``."""
-    if labels is None or (labels.preset is None and not labels.findings):
-        return preset(default_preset(modality)) if labels is None else with_policies(
-            preset(default_preset(modality)), labels.uncertain, labels.blank)
+    if labels is None:
+        return preset(default_preset(modality))
     if labels.findings:
         findings = []
         for item in labels.findings:
@@ -207,4 +192,4 @@ def from_config(labels, modality: str) -> LabelSet:
                     kwargs[policy] = chosen
             findings.append(Finding(**kwargs))
         return LabelSet(name="custom", findings=tuple(findings))
-    return with_policies(preset(labels.preset), labels.uncertain, labels.blank)
+    return with_policies(preset(labels.preset or default_preset(modality)), labels.uncertain, labels.blank)

@@ -19,7 +19,6 @@ FIRST_POSITIVE_GRADE = 2
 
 # Paper bins [0,30) [30,60) [60,70) [70,80) [80,100); ages of 100 and over join the last group.
 AGE_BIN_EDGES: tuple[int, ...] = (0, 30, 60, 70, 80)
-AGE_GROUPS: tuple[str, ...] = ("0-29", "30-59", "60-69", "70-79", "80+")
 SEXES: tuple[str, ...] = ("F", "M")
 _SEX_ALIASES = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M",
                 "o": "other", "other": "other", "x": "other", "d": "other", "diverse": "other", "non-binary": "other",
@@ -33,20 +32,24 @@ def grade_names(finding: str) -> tuple[str, ...]:
     return CARDIOMEGALY_GRADE_NAMES if finding == "cardiomegaly" else GRADE_NAMES
 
 
-def parse_grade(finding: str, value) -> int:
-    """A grade 0–4 from its number or name; ValueError (with the allowed values) otherwise."""
-    names = grade_names(finding)
+def parse_grade(finding: str, value, names: tuple[str, ...] | None = None) -> int:
+    """A grade 0–(len(names) − 1) from its number (3, "3", 3.0, "3.0") or its name (``names``, by default the
+    finding's UKA grade names); ValueError (with the allowed values) otherwise."""
+    names = names or grade_names(finding)
+    highest = len(names) - 1
     if isinstance(value, str):
         text = " ".join(value.strip().lower().replace("_", " ").split())
         if text in names:
             return names.index(text)
-        if text.isdigit():
-            value = int(text)
+        try:
+            value = float(text)
+        except ValueError:
+            value = text
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 4:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= highest:
         return value
-    raise ValueError(f"unknown grade {value!r} for {finding}; use 0–4 or one of: {', '.join(names)}")
+    raise ValueError(f"unknown grade {value!r} for {finding}; use 0–{highest} or one of: {', '.join(names)}")
 
 
 def binary_label(grade: int) -> int:
@@ -54,7 +57,8 @@ def binary_label(grade: int) -> int:
 
 
 def parse_sex_or_none(value) -> str | None:
-    """F, M or other from their usual spellings; None when the value is missing or not recognised."""
+    """F, M or other from their usual spellings; None when the value is missing or not recognised (the
+    fairness audit's group ``unknown``, see ``attributes.parse_sex``)."""
     text = str(value).strip().lower() if value is not None else ""
     return _SEX_ALIASES.get(text)
 
@@ -74,10 +78,3 @@ def parse_age(value) -> float:
     if not (math.isfinite(age) and 0 <= age <= 120):
         raise ValueError(f"age {value!r} is outside 0–120 years")
     return age
-
-
-def radiograph_age_group(age: float) -> str:
-    for edge, group in zip(reversed(AGE_BIN_EDGES), reversed(AGE_GROUPS)):
-        if age >= edge:
-            return group
-    raise ValueError(f"age {age} is negative")

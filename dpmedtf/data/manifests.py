@@ -56,9 +56,16 @@ class Cohort:
     split_stratified_on_labels: bool = False
     """True when dpmedtf made the split (stratified on the labels), False when the manifest gave it."""
     label_set: LabelSet | None = None
-    """How the manifest's cells became the labels (the job's ``labels:``)."""
+    """How the manifest's cells became the labels (the job's ``labels:``; the modality's preset when None)."""
     fairness: FairnessSpec | None = None
-    """The attributes (columns of ``frame``) and intersections the fairness audit groups by."""
+    """The attributes (columns of ``frame``) and intersections the fairness audit groups by (the paper's when None)."""
+
+    def __post_init__(self):
+        # Filled here once, so every reader of a cohort has both without a fallback of its own.
+        if self.label_set is None:
+            object.__setattr__(self, "label_set", label_sets.preset(label_sets.default_preset(self.modality)))
+        if self.fairness is None:
+            object.__setattr__(self, "fairness", attributes.default_spec(self.modality))
 
     def split(self, name: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == name]
@@ -381,14 +388,13 @@ def cohort_table(cohort: Cohort, quarantined: pd.DataFrame | None = None) -> pd.
         for group in sorted(f["age_group"].unique(), key=attributes.group_order_key):
             col[f"age {group}"] = int((part["age_group"] == group).sum())
         col["age mean ± sd"] = f"{part['age'].mean():.1f} ± {part['age'].std(ddof=0):.1f}" if part["age"].notna().any() else "-"
-        spec = cohort.fairness or attributes.default_spec(cohort.modality)
-        for attribute_ in spec.attributes:
+        for attribute_ in cohort.fairness.attributes:
             if attribute_.name not in ("sex", "age_group"):
                 for group in sorted(f[attribute_.name].unique(), key=attributes.group_order_key):
                     col[f"{attribute_.name} {group}"] = int((part[attribute_.name] == group).sum())
         for name in cohort.label_names:
             col[f"{name} positive"] = int(np.nansum(part[name].to_numpy(float)))
-            if cohort.label_set is not None and cohort.label_set.may_ignore:
+            if cohort.label_set.may_ignore:
                 col[f"{name} not observed"] = int(part[name].isna().sum())
         if quarantined is not None:
             col["quarantined (skipped)"] = len(quarantined) if split == "total" else int(

@@ -15,12 +15,11 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from dpmedtf.data import attributes
 from dpmedtf.data.cache import PreparedData
 from dpmedtf.data.pipeline import evaluation_dataset, split_rows
 from dpmedtf.evaluation.bootstrap import bootstrap_auroc, redraw_weights
 from dpmedtf.evaluation.fairness import fairness_rows
-from dpmedtf.evaluation.metrics import binary_rates, youden_threshold
+from dpmedtf.evaluation.metrics import binary_rates, observed, observed_rows, youden_threshold
 from dpmedtf.files import json_safe, write_json_atomic
 from dpmedtf.layout import EvaluationDir
 from dpmedtf.privacy.audit.membership import membership_inference_audit, per_label_losses
@@ -52,14 +51,8 @@ def predict(model: tf.keras.Model, prepared: PreparedData, split: str, batch_siz
 
 
 def audited_attributes(prepared: PreparedData) -> tuple[str, ...]:
-    return (prepared.cohort.fairness or attributes.default_spec(prepared.spec.modality)).attribute_names
+    return prepared.cohort.fairness.attribute_names
 
-
-def observed(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of ``name`` on the rows where it is observed (its ``_true`` is not empty)."""
-    y = frame[f"{name}_true"].to_numpy(float, na_value=np.nan)
-    keep = np.isfinite(y)
-    return y[keep].astype(int), frame[f"{name}_prob"].to_numpy(float)[keep]
 
 
 def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.PathLike, redraws: int = 1000,
@@ -96,10 +89,9 @@ def evaluate(model: tf.keras.Model, prepared: PreparedData, out_dir: str | os.Pa
                         "auroc_over": [n for n in names if "test" not in not_evaluable.get(n, {})]},
                "findings": findings, "not_evaluable": not_evaluable}
     metrics["membership_inference"] = _audit(model, prepared, test, names, seed)
-    spec = prepared.cohort.fairness or attributes.default_spec(prepared.spec.modality)
-    label_set = prepared.cohort.label_set
+    spec = prepared.cohort.fairness
     report = {**provenance, "split": "test", "findings": list(names),
-              "label_set": label_set.to_json() if label_set else None, "grouping": spec.to_json(),
+              "label_set": prepared.cohort.label_set.to_json(), "grouping": spec.to_json(),
               "attributes": list(spec.names),
               "rows": json_safe(fairness_rows(test, thresholds, names, spec, redraws=redraws, seed=seed))}
 
@@ -120,8 +112,7 @@ def single_class_findings(validation: pd.DataFrame, test: pd.DataFrame, names) -
     found: dict[str, dict[str, str]] = {}
     for split, frame in (("validation", validation), ("test", test)):
         for name in names:
-            values = frame[f"{name}_true"].to_numpy(float, na_value=np.nan)
-            values = values[np.isfinite(values)]  # the rows where the finding is observed
+            values = frame[f"{name}_true"].to_numpy(float, na_value=np.nan)[observed_rows(frame, name)]
             if len(values) and values.min() != values.max():
                 continue
             holds = ("no images" if not len(frame) else "no image where it is observed" if not len(values)

@@ -26,6 +26,7 @@ from sklearn.metrics import accuracy_score
 
 from dpmedtf.data.attributes import FairnessSpec, Intersection, default_spec, with_intersections
 from dpmedtf.evaluation.bootstrap import bootstrap_auroc
+from dpmedtf.evaluation.metrics import observed, observed_rows
 
 MIN_POSITIVES = 10
 ECE_BINS = 10
@@ -76,8 +77,7 @@ def intersections_of(report_or_spec) -> tuple[Intersection, ...]:
 def with_attribute_columns(predictions: pd.DataFrame, grouping=None) -> pd.DataFrame:
     """``predictions`` with the intersections (``sex_x_age``, ``race_x_sex``) as columns, as the report's groups
     are; ``grouping`` is the job's ``FairnessSpec`` or the fairness report that names them."""
-    intersections = intersections_of(grouping)
-    return with_intersections(predictions, FairnessSpec(attributes=(), intersections=intersections))
+    return with_intersections(predictions, intersections_of(grouping))
 
 
 def fairness_rows(predictions: pd.DataFrame, thresholds: dict[str, float], findings: Sequence[str],
@@ -92,12 +92,11 @@ def fairness_rows(predictions: pd.DataFrame, thresholds: dict[str, float], findi
         groups = frame[attribute].astype(str)
         per_finding = []
         for finding in findings:
-            y = frame[f"{finding}_true"].to_numpy(float, na_value=np.nan)
-            keep = np.isfinite(y)  # only the images where this finding is observed
-            p = frame[f"{finding}_prob"].to_numpy().astype(float)[keep]
+            keep = observed_rows(frame, finding)  # only the images where this finding is observed
+            y, p = observed(frame, finding)
             predicted = (p >= thresholds[finding]).astype(int)
-            per_finding.append(_finding_rows(attribute, groups[keep].reset_index(drop=True), finding,
-                                             y[keep].astype(int), p, predicted, redraws, seed))
+            per_finding.append(_finding_rows(attribute, groups[keep].reset_index(drop=True), finding, y, p,
+                                             predicted, redraws, seed))
         rows.extend(r for block in per_finding for r in block)
         rows.extend(_mean_rows(attribute, per_finding, groups.value_counts().to_dict()))
     return rows

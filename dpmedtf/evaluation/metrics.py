@@ -10,6 +10,19 @@ from scipy import stats
 from sklearn.metrics import roc_curve
 
 
+def observed_rows(frame, finding: str) -> np.ndarray:
+    """Boolean mask of the rows of a predictions table where ``finding`` is observed: its ``<finding>_true``
+    cell holds 0 or 1, not empty (an entry the label set ignores)."""
+    return np.isfinite(frame[f"{finding}_true"].to_numpy(float, na_value=np.nan))
+
+
+def observed(frame, finding: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of ``finding`` on the rows where it is observed."""
+    keep = observed_rows(frame, finding)
+    return (frame[f"{finding}_true"].to_numpy(float, na_value=np.nan)[keep].astype(int),
+            frame[f"{finding}_prob"].to_numpy(float)[keep])
+
+
 def youden_threshold(y_true: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold maximising sensitivity + specificity − 1 (ties: the highest such threshold).
     Defined on validation predictions; 0.5 when the labels hold a single class or none (a finding never

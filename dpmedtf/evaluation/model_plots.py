@@ -20,6 +20,7 @@ from sklearn.metrics import roc_curve
 
 from dpmedtf.evaluation.bootstrap import Interval
 from dpmedtf.evaluation.fairness import calibration_bins, expected_calibration_error, with_attribute_columns
+from dpmedtf.evaluation.metrics import observed
 # pyplot from plots, which selects the Agg backend before pyplot loads: no display is ever needed.
 from dpmedtf.evaluation.plots import COLOURS, error_bars, number, plt, save_figure, stamped
 from dpmedtf.evaluation.rate_intervals import mean_rate_intervals, thresholded
@@ -47,12 +48,6 @@ def draw_model_figures(files: EvaluationDir) -> list[Path]:
                             bootstrap["redraws"], bootstrap["seed"], grouping=fairness) for a in attributes)]
 
 
-def _observed(test: pd.DataFrame, finding: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of the test rows where ``finding`` is observed (an empty ``_true`` is not)."""
-    y = test[f"{finding}_true"].to_numpy(float, na_value=np.nan)
-    keep = np.isfinite(y)
-    return y[keep].astype(int), test[f"{finding}_prob"].to_numpy(float)[keep]
-
 
 def _label(finding: str) -> str:
     return finding.replace("_", " ")
@@ -74,7 +69,7 @@ def roc_curves(test: pd.DataFrame, metrics: dict, out: Path, synthetic: bool) ->
     """Test ROC curve per finding; the dot is the validation threshold's (1 − specificity, sensitivity) on test."""
     fig, ax = plt.subplots(figsize=(8.6, 5.2))
     for colour, (finding, summary) in zip(COLOURS * 3, metrics["findings"].items()):
-        y, p = _observed(test, finding)
+        y, p = observed(test, finding)
         if len(y) == 0 or y.min() == y.max():  # ROC and AUROC need both classes; say so instead of drawing nothing silently
             ax.plot([], [], color=colour, label=f"{_label(finding)}: not defined (one class in test)")
             continue
@@ -103,7 +98,7 @@ def reliability_diagrams(test: pd.DataFrame, findings: list[str], out: Path, syn
     fig, axes = _panels(len(findings))
     errors = []
     for ax, colour, finding in zip(axes, COLOURS * 3, findings):
-        y, p = _observed(test, finding)
+        y, p = observed(test, finding)
         bins = calibration_bins(y, p)
         errors.append(expected_calibration_error(y, p))
         ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
@@ -129,7 +124,7 @@ def confusion_matrices(test: pd.DataFrame, thresholds: dict[str, float], out: Pa
     findings = list(thresholds)
     fig, axes = _panels(len(findings), size=(2.6, 2.6))
     for ax, finding in zip(axes, findings):
-        y, p = _observed(test, finding)
+        y, p = observed(test, finding)
         y, predicted = y.astype(bool), p >= thresholds[finding]
         counts = np.array([[(y & predicted).sum(), (y & ~predicted).sum()],      # TP FN
                            [(~y & predicted).sum(), (~y & ~predicted).sum()]])   # FP TN

@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from dpmedtf.evaluation.bootstrap import paired_bootstrap_difference
-from dpmedtf.evaluation.metrics import delong_test
+from dpmedtf.evaluation.metrics import delong_test, observed_rows
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def analyse_sweep(members: list[SweepMember], findings: list[str], train_positiv
                 y = member.predictions[f"{f}_true"].to_numpy(float, na_value=np.nan)
                 if not np.array_equal(y, baseline.predictions[f"{f}_true"].to_numpy(float, na_value=np.nan), equal_nan=True):
                     raise ValueError(f"{member.name} and {baseline.name} were not evaluated on the same test images")
-                keep = np.isfinite(y)  # the images where this finding is observed
+                keep = observed_rows(member.predictions, f)
                 y = y[keep].astype(int)
                 dp = member.predictions[f"{f}_prob"].to_numpy()[keep]
                 non_private = baseline.predictions[f"{f}_prob"].to_numpy()[keep]

@@ -47,8 +47,7 @@ def class_weights(config: JobConfig, plan: TrainingPlan, labels: np.ndarray, tra
 
 def initial_ledger(config: JobConfig, plan: TrainingPlan, prepared: PreparedData, secret: RunSecret,
                    count_release) -> Ledger:
-    label_set = prepared.cohort.label_set or label_sets.preset(label_sets.default_preset(prepared.spec.modality))
-    pretraining = pretraining_of(config, label_set)
+    pretraining = pretraining_of(config, prepared.cohort.label_set)
     ledger = plan.mechanism.new_ledger(epsilon_budget=plan.epsilon_budget, notes={
         **run_notes(experiment=secret.is_experiment, secure_rng=config.privacy.secure_rng,
                     engine=get_engine(plan.clipping)),

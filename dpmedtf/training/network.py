@@ -81,8 +81,7 @@ def pretraining_of(config: JobConfig, label_set: LabelSet) -> Pretraining | None
 def build_network(config: JobConfig, prepared: PreparedData, num_outputs: int) -> tf.keras.Model:
     model_config = config.model
     pretrained = load_model(model_config.pretrained_weights) if model_config.pretrained_weights else None
-    label_set = prepared.cohort.label_set or label_sets.preset(label_sets.default_preset(prepared.spec.modality))
-    origin = pretraining_of(config, label_set)
+    origin = pretraining_of(config, prepared.cohort.label_set)
     # Another label set's head holds other findings even when its shape matches: the head starts anew.
     skip = () if origin is None or origin.head == "carried" else (HEAD_LAYER,)
     if prepared.spec.modality == "radiograph":

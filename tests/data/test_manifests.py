@@ -42,7 +42,9 @@ def test_unknown_grades_are_refused(finding, value):
 @pytest.mark.parametrize("age, group", [(0, "0-29"), (29.9, "0-29"), (30, "30-59"), (59, "30-59"), (60, "60-69"),
                                         (70, "70-79"), (79.99, "70-79"), (80, "80+"), (100, "80+")])
 def test_paper_age_bins(age, group):
-    assert L.radiograph_age_group(age) == group
+    from dpmedtf.data.attributes import bin_label
+
+    assert bin_label(L.AGE_BIN_EDGES, age) == group
 
 
 def test_valid_manifest_loads_with_paths_relative_to_the_csv(tmp_path):
