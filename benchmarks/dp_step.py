@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--activation", choices=("mish", "relu"), default="mish")
-    parser.add_argument("--xla", action="store_true", help="compile the step with XLA (jit_compile=True)")
+    parser.add_argument("--xla", action="store_true",
+                        help="compile the step's padded fixed-shape chunks with XLA (training.jit_compile: true)")
     parser.add_argument("--devices", type=int, default=1, help="replicas under MirroredStrategy (GPUs, else logical CPUs)")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
@@ -48,21 +49,29 @@ def main() -> None:
 
     strategy, device_kind = mirrored_over(tf, args.devices)
 
+    import functools
+
     from dpmedtf.models import build_resnet9
-    from dpmedtf.training.distribution import local_replicas
+    from dpmedtf.privacy.mechanism import DpSgdMechanism
     from dpmedtf.privacy.randomness import RunSecret
-    from dpmedtf.training.trainer import TrainingPlan, _StepModel, make_optimizer
+    from dpmedtf.training.distribution import local_replicas
+    from dpmedtf.training.losses import weighted_bce_per_example
+    from dpmedtf.training.step import GradientStep, StepModel
 
     dp = args.engine != "nondp"
     tf.keras.utils.set_random_seed(0)
-    plan = TrainingPlan(dp, 10_000, args.batch_size, args.steps, 100, 1.0 if dp else None, 1.5 if dp else None,
-                        1.5 if dp else None, 1, "image" if dp else "none", 1e-5, "rdp", None, None,
-                        args.engine if dp else None)
+    mechanism = DpSgdMechanism(dataset_size=10_000, expected_batch_size=args.batch_size, clip_norm=1.5,
+                               noise_multiplier=1.5, delta=1e-5, accountant="rdp") if dp else None
+    # The trainer's own step: one chunk of the whole batch (compiled, it is padded to exactly that size).
+    step = GradientStep(mechanism=mechanism, engine=args.engine if dp else "fast",
+                        max_physical_batch=args.batch_size // args.devices, jit_compile=args.xla)
+    ones = tf.ones(8)
+    loss = functools.partial(weighted_bce_per_example, positive_weight=ones, negative_weight=ones)
     with strategy.scope():
         network = build_resnet9((args.image_size, args.image_size, 3), 8, activation=args.activation)
-        optimizer = make_optimizer(plan, 5e-4 if dp else 5e-5, network)
-        model = _StepModel(network, plan, optimizer, np.ones(8, np.float32), np.ones(8, np.float32), RunSecret.fresh(),
-                           max_physical_batch=args.batch_size)
+        model = StepModel(network, step=step, optimizer=tf.keras.optimizers.legacy.Nadam(5e-4 if dp else 5e-5),
+                          per_example_loss=loss, secret=RunSecret.fresh())
+        model.compile()
     rng = np.random.default_rng(0)
     replicas = strategy.num_replicas_in_sync
     # Each step's batch cut into one equal shard per replica, with the step number the trainer checks.
@@ -80,15 +89,18 @@ def main() -> None:
 
     inputs = iter(strategy.distribute_datasets_from_function(shards_for_worker))
 
-    @tf.function(jit_compile=args.xla or None)
-    def step():
-        return strategy.run(model.train_step, args=(next(inputs),))["loss"]
+    # With --xla the step's chunks are compiled (GradientStep.jit_compile), as training.jit_compile does:
+    # the loop around them, the noise and the optimizer have dynamic shapes and stay outside XLA.
+    @tf.function
+    def train_step():
+        strategy.run(model.train_step, args=(next(inputs),))
+        return model.step_optimizer.iterations
 
     for _ in range(args.warmup):
-        strategy.experimental_local_results(step())[0].numpy()
+        train_step().numpy()
     start = time.perf_counter()
     for _ in range(args.steps):
-        strategy.experimental_local_results(step())[0].numpy()
+        train_step().numpy()
     seconds = time.perf_counter() - start
     result = {"engine": args.engine, "batch_size": args.batch_size, "image_size": args.image_size,
               "activation": args.activation, "xla": args.xla, "devices": replicas, "device_kind": device_kind,

@@ -82,6 +82,7 @@ class TrainingConfig:
     steps: Optional[int] = option(None, "optimizer steps; overrides epochs when given", ge=1)
     batch_size: int = option(128, "logical (expected, with Poisson sampling) batch size (paper: 128)", ge=1)
     max_physical_batch: int = option(32, "most examples a device computes at once; a larger share of a step is summed over chunks", ge=1)
+    jit_compile: Literal["auto", True, False] = option("auto", "compile each physical chunk with XLA, padded to exactly max_physical_batch masked rows so that it has one shape: true, false, or auto (on where measured faster: with a GPU; off on CPUs, where XLA was measured slower — see README)")
     learning_rate: Optional[float] = option(None, "NAdam learning rate; default 5e-4 with DP, 5e-5 without (paper)", gt=0.0)
     optimizer: Literal["nadam"] = option("nadam", "optimizer (paper: NAdam)")
     clipping: str = option("fast", "DP per-example clipping engine, a name registered in dpmedtf.privacy.engines: fast (layer-wise ghost/instantiated norms, book-keeping; no Jacobians) or vectorized (per-example gradients by tape.jacobian); both give the same clipped sum")

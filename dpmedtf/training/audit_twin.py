@@ -43,7 +43,7 @@ from dpmedtf.training.data_uses import class_weights
 from dpmedtf.training.losses import weighted_bce_per_example
 from dpmedtf.training.network import build_network
 from dpmedtf.training.plan import TrainingPlan, plan_training, sampler_for
-from dpmedtf.training.step import GradientStep, create_optimizer_slots
+from dpmedtf.training.step import GradientStep, create_optimizer_slots, jit_compile_for
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def train_audit_twin(config: JobConfig, prepared: PreparedData, *, kind: str, ca
     loss = functools.partial(weighted_bce_per_example, positive_weight=tf.constant(positive_weight),
                              negative_weight=tf.constant(negative_weight))
     step = gradient_step or GradientStep(mechanism=mechanism, engine=plan.clipping,
-                                         max_physical_batch=config.training.max_physical_batch)
+                                         max_physical_batch=config.training.max_physical_batch,
+                                         jit_compile=jit_compile_for(config.training.jit_compile))
     optimizer = tf.keras.optimizers.legacy.Nadam(config.training.learning_rate)
     variables = network.trainable_variables
     create_optimizer_slots(optimizer, variables)

@@ -32,7 +32,7 @@ from dpmedtf.privacy.ledger import Ledger
 from dpmedtf.privacy.mechanism import DpSgdMechanism, run_notes
 from dpmedtf.privacy.randomness import RunSecret
 from dpmedtf.training.noise_inputs import noise_inputs
-from dpmedtf.training.step import GradientStep
+from dpmedtf.training.step import GradientStep, jit_compile_for
 
 _REFUSED_FIT_ARGUMENTS = {
     "validation_split": "it would take its validation rows out of the N examples the mechanism was planned for; "
@@ -74,7 +74,8 @@ def make_private(model: tf.keras.Model, *, dataset_size: int, batch_size: int, c
                  epochs: float | None = None, steps: int | None = None, unit: str = "example",
                  accountant: str = accounting.DEFAULT_ACCOUNTANT, engine: str = "fast", max_physical_batch: int = 32,
                  max_examples_per_person: int | None = None, secure_rng: bool = False,
-                 experiment_seed: int | None = None, allow_large_delta: bool = False) -> tf.keras.Model:
+                 experiment_seed: int | None = None, allow_large_delta: bool = False,
+                 jit_compile: str | bool = "auto") -> tf.keras.Model:
     """Makes ``model.fit`` train with DP-SGD and returns ``model``.
 
     ``dataset_size`` N and ``batch_size`` B give the Poisson sampling rate B/N; ``epochs`` or ``steps``
@@ -82,7 +83,8 @@ def make_private(model: tf.keras.Model, *, dataset_size: int, batch_size: int, c
     ``noise_multiplier`` σ the noise. ``fit(x, y)`` then needs exactly N examples and trains at most T steps.
     ``max_examples_per_person`` (e.g. images per patient) lets the certificate bound one person's privacy
     by group privacy; without it that bound is stated as unknown. ``experiment_seed`` fixes the sampling and noise for a reproducible experiment: its ledger says so
-    and it certifies nothing. ``engine`` is a name in ``dpmedtf.privacy.engines``.
+    and it certifies nothing. ``engine`` is a name in ``dpmedtf.privacy.engines``. ``jit_compile`` (auto, True,
+    False) compiles each chunk of ``max_physical_batch`` padded, masked rows with XLA (auto: with a GPU).
     """
     if unit != "example":
         raise PrivateTrainingError(f"make_private protects one training example (unit='example'), got unit={unit!r}; "
@@ -109,7 +111,8 @@ def make_private(model: tf.keras.Model, *, dataset_size: int, batch_size: int, c
                                                                               **settings))
     state = _PrivateState(
         mechanism=mechanism,
-        step=GradientStep(mechanism=mechanism, engine=engine, max_physical_batch=max_physical_batch),
+        step=GradientStep(mechanism=mechanism, engine=engine, max_physical_batch=max_physical_batch,
+                          jit_compile=jit_compile_for(jit_compile)),
         planned_steps=planned,
         secret=RunSecret.fresh() if experiment_seed is None else RunSecret.from_experiment_seed(experiment_seed),
         secure_rng=secure_rng,

@@ -13,12 +13,19 @@ large logical batch fits in memory), and turns the sum into the gradient the opt
 The noise comes in with the data: 128-bit Philox seeds per variable (``noise_seeds``), or the noise
 itself from the CSPRNG (``noise``), both drawn from the run's secret by the input pipeline; the step
 holds no random state. ``dpmedtf train`` (``StepModel``) and ``make_private`` both call ``GradientStep``.
+
+Compiled (``jit_compile``), every chunk has exactly ``max_physical_batch`` rows: the shard is padded with
+rows of zeros and a row mask multiplies the per-example losses, so a padded row's loss and gradient are
+exactly zero (its norm is 0, its clip factor 1, its clipped contribution 0 — in both engines). The chunk
+then has one static shape, traces once and compiles with XLA, however many examples Poisson sampling
+drew; the count stays the real one, so the divisor, the noise and the ledger do not change. The loop over
+chunks, the noise and the optimizer stay outside the compiled function: their shapes are dynamic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import tensorflow as tf
 
@@ -41,12 +48,19 @@ class GradientStep:
     """Per-example clipping engine (``privacy.engines``); unused without a mechanism."""
     max_physical_batch: int = 32
     """Most examples one device computes at once; a larger share of a step is summed over chunks."""
+    jit_compile: bool = False
+    """Pad every chunk to exactly ``max_physical_batch`` masked rows and compile it with XLA."""
+    _compiled: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    """The compiled chunk function per (network, loss): traced once, not once per step."""
 
     def __post_init__(self):
         if self.mechanism is not None:
             get_engine(self.engine)  # an unknown engine fails here, not inside a traced step
         if not isinstance(self.max_physical_batch, int) or self.max_physical_batch < 1:
             raise ConfigError(f"max_physical_batch must be a whole number ≥ 1, got {self.max_physical_batch!r}")
+        if not isinstance(self.jit_compile, bool):
+            raise ConfigError(f"jit_compile must be true or false here, got {self.jit_compile!r} "
+                              "(resolve 'auto' with training.step.jit_compile_for)")
 
     def gradients(self, network: tf.keras.Model, inputs, targets, per_example_loss: PerExampleLoss,
                   noise_seeds=None, noise=None) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
@@ -69,6 +83,8 @@ class GradientStep:
 
     def clipped_sums(self, network: tf.keras.Model, inputs, targets, per_example_loss: PerExampleLoss):
         """Σ of the shard's per-example gradients (clipped with DP), its summed loss and its size."""
+        if self.jit_compile:
+            return self._padded_clipped_sums(network, inputs, targets, per_example_loss)
         variables = network.trainable_variables
         count = tf.shape(inputs)[0]
 
@@ -84,9 +100,43 @@ class GradientStep:
             (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in variables], tf.constant(0.0)))
         return sums, loss_sum, count
 
-    def _chunk_sums(self, network, inputs, targets, per_example_loss):
+    def _padded_clipped_sums(self, network, inputs, targets, per_example_loss):
+        """``clipped_sums`` over chunks of exactly ``max_physical_batch`` rows, each one compiled call."""
+        size = self.max_physical_batch
+        count = tf.shape(inputs)[0]
+        chunks = (count + size - 1) // size
+        padding = chunks * size - count
+        # Zeros, never NaN, in padded rows (an ignored label is NaN, and 0·NaN would be NaN).
+        inputs = tf.reshape(tf.pad(inputs, [[0, padding]] + [[0, 0]] * (inputs.shape.rank - 1)),
+                            [-1, size, *inputs.shape[1:]])
+        targets = tf.reshape(tf.pad(targets, [[0, padding]] + [[0, 0]] * (targets.shape.rank - 1)),
+                             [-1, size, *targets.shape[1:]])
+        compiled = self._compiled_chunk(network, per_example_loss)
+
+        def add_chunk(chunk, sums, loss_sum):
+            mask = tf.cast(tf.range(size) + chunk * size < count, tf.float32)
+            chunk_sums, chunk_loss = compiled(inputs[chunk], targets[chunk], mask)
+            return chunk + 1, [a + b for a, b in zip(sums, chunk_sums)], loss_sum + chunk_loss
+
+        _, sums, loss_sum = tf.while_loop(
+            lambda chunk, sums, loss_sum: chunk < chunks, add_chunk,
+            (tf.constant(0), [tf.zeros(v.shape, v.dtype) for v in network.trainable_variables], tf.constant(0.0)))
+        return sums, loss_sum, count
+
+    def _compiled_chunk(self, network, per_example_loss):
+        key = (id(network), id(per_example_loss))
+        if key not in self._compiled:
+            def masked_chunk_sums(inputs, targets, mask):
+                return self._chunk_sums(network, inputs, targets, per_example_loss, mask)
+
+            self._compiled[key] = tf.function(masked_chunk_sums, jit_compile=True)
+        return self._compiled[key]
+
+    def _chunk_sums(self, network, inputs, targets, per_example_loss, mask=None):
         def losses_of(outputs):
-            return per_example_loss(targets, outputs)
+            losses = per_example_loss(targets, outputs)
+            # A padded row's loss is multiplied by 0, so its gradient is exactly 0, not merely small.
+            return losses if mask is None else losses * tf.cast(mask, losses.dtype)
 
         if self.mechanism is not None:
             engine = get_engine(self.engine)
@@ -96,6 +146,20 @@ class GradientStep:
             total = tf.reduce_sum(losses_of(network(inputs, training=True)))  # inside the tape, or no gradient
         sums = tape.gradient(total, network.trainable_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return [tf.convert_to_tensor(s) for s in sums], tf.cast(total, tf.float32)
+
+
+def jit_compile_for(setting: str | bool) -> bool:
+    """``training.jit_compile`` as it runs here: "auto" compiles where a GPU is visible.
+
+    Measured (``benchmarks/dp_engines.py``, ``benchmarks/dp_step.py --xla``): on CPUs XLA's convolutions
+    are slower than oneDNN's, so auto leaves the step uncompiled there; on GPUs XLA fuses GroupNorm,
+    Mish and the clipping arithmetic, TensorFlow's main lever for convolutional training.
+    """
+    if setting == "auto":
+        return bool(tf.config.list_logical_devices("GPU"))
+    if not isinstance(setting, bool):
+        raise ConfigError(f"training.jit_compile must be auto, true or false, got {setting!r}")
+    return setting
 
 
 class StepModel(tf.keras.Model):

@@ -41,7 +41,7 @@ from dpmedtf.training.network import build_network, check_pretraining_is_public
 from dpmedtf.training.noise_inputs import noise_inputs
 from dpmedtf.training.plan import (BudgetExceededError, TrainingPlan, plan_summary, plan_training, sampler_for,
                                    stop_step_within_budget)
-from dpmedtf.training.step import GradientStep, StepModel
+from dpmedtf.training.step import GradientStep, StepModel, jit_compile_for
 
 __all__ = ["BudgetExceededError", "TrainingPlan", "TrainingResult", "plan_training", "train"]
 
@@ -92,7 +92,8 @@ def train(config: JobConfig, prepared: PreparedData, out_dir: str | os.PathLike,
         loss = functools.partial(weighted_bce_per_example, positive_weight=tf.constant(positive_weight),
                                  negative_weight=tf.constant(negative_weight))
         step = GradientStep(mechanism=plan.mechanism, engine=plan.clipping or "fast",
-                            max_physical_batch=config.training.max_physical_batch)
+                            max_physical_batch=config.training.max_physical_batch,
+                            jit_compile=jit_compile_for(config.training.jit_compile))
         model = StepModel(network, step=step, optimizer=tf.keras.optimizers.legacy.Nadam(config.training.learning_rate),
                           per_example_loss=loss, secret=secret)
         model.compile(run_eagerly=False)

@@ -212,15 +212,19 @@ def test_force_starts_over_without_leftovers(prepared, tmp_path):
 
 
 def test_fast_and_vectorized_engines_train_the_same_model(prepared, tmp_path):
-    """Same seeds, same Poisson chunks, same noise: the two clipping engines end at the same weights."""
+    """Same seeds, same Poisson chunks, same noise: the two clipping engines, and the fast one compiled
+    (training.jit_compile: true, chunks padded to exactly 4 masked rows), end at the same weights."""
     models = {}
-    for engine in ("fast", "vectorized"):
-        job = config({"noise_multiplier": 1.0, "delta": 1e-3, "noise_seed": 5}, {"steps": 3, "clipping": engine})
-        result = train(job, prepared, tmp_path / engine)
-        models[engine] = tf.keras.models.load_model(result.model_path).get_weights()
-        assert engine in Ledger.load(tmp_path / engine / "ledger.json").notes["clipping_engine"]
-    for fast, vectorized in zip(models["fast"], models["vectorized"]):
+    for engine, jit_compile in (("fast", False), ("vectorized", False), ("fast", True)):
+        name = engine + ("-compiled" if jit_compile else "")
+        job = config({"noise_multiplier": 1.0, "delta": 1e-3, "noise_seed": 5},
+                     {"steps": 3, "clipping": engine, "jit_compile": jit_compile})
+        result = train(job, prepared, tmp_path / name)
+        models[name] = tf.keras.models.load_model(result.model_path).get_weights()
+        assert engine in Ledger.load(tmp_path / name / "ledger.json").notes["clipping_engine"]
+    for fast, vectorized, compiled in zip(models["fast"], models["vectorized"], models["fast-compiled"]):
         np.testing.assert_allclose(fast, vectorized, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(fast, compiled, rtol=1e-4, atol=1e-5)
     tf.keras.utils.set_random_seed(0)  # as train() does before building the network
     initial = build_network(config({"noise_multiplier": 1.0, "delta": 1e-3}), prepared, 8).get_weights()
     assert all(not np.array_equal(a, b) for a, b in zip(models["fast"], initial))  # every weight moved
