@@ -14,6 +14,7 @@ Writes benchmarks/results/secure_rng.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,9 +28,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from dpmedtf.models import build_resnet9  # noqa: E402
-from dpmedtf.privacy.optimizers import noised_mean  # noqa: E402
+from dpmedtf.privacy.mechanism import DpSgdMechanism  # noqa: E402
+from dpmedtf.privacy.noise import noised_mean  # noqa: E402
 from dpmedtf.privacy.randomness import RunSecret, noise_stddev_float32  # noqa: E402
-from dpmedtf.training.trainer import TrainingPlan, _StepModel  # noqa: E402
+from dpmedtf.training.losses import weighted_bce_per_example  # noqa: E402
+from dpmedtf.training.step import GradientStep, StepModel  # noqa: E402
 
 
 def median_seconds(function, repeats: int) -> tuple[float, list[float]]:
@@ -66,9 +69,13 @@ def main() -> None:
     secure_host, secure_times = median_seconds(lambda: secret.secure_gaussian("noise", next(step), sizes, stddev),
                                                args.repeats)
 
-    plan = TrainingPlan(True, 10_000, args.batch_size, 1, 100, 1.0, 1.5, 1.5, 1, "image", 1e-5, "pld", None, None, "fast")
-    model = _StepModel(network, plan, tf.keras.optimizers.legacy.Nadam(5e-4), np.ones(8, np.float32),
-                       np.ones(8, np.float32), secret, max_physical_batch=args.batch_size)
+    mechanism = DpSgdMechanism(dataset_size=10_000, expected_batch_size=args.batch_size, clip_norm=1.5,
+                               noise_multiplier=1.0, delta=1e-5, accountant="rdp")
+    ones = tf.ones(8)
+    model = StepModel(network, step=GradientStep(mechanism=mechanism, max_physical_batch=args.batch_size),
+                      optimizer=tf.keras.optimizers.legacy.Nadam(5e-4), secret=secret,
+                      per_example_loss=functools.partial(weighted_bce_per_example, positive_weight=ones,
+                                                         negative_weight=ones))
     rng = np.random.default_rng(0)
     images = tf.constant(rng.random((args.batch_size, args.image_size, args.image_size, 3), dtype=np.float32))
     labels = tf.constant(rng.integers(0, 2, (args.batch_size, 8)).astype(np.float32))
@@ -77,7 +84,8 @@ def main() -> None:
     def one_step():
         current = int(model.step_optimizer.iterations.numpy())
         train_step({"images": images, "labels": labels, "step": tf.constant(current, tf.int64),
-                    "noise_seeds": secret.noise_seeds(current, len(variables))})["loss"].numpy()
+                    "noise_seeds": secret.noise_seeds(current, len(variables))})
+        model.step_optimizer.iterations.numpy()
 
     dp_step, _ = median_seconds(one_step, args.repeats)
     result = {
