@@ -5,9 +5,11 @@ For a convolution the gradient of example i is Pᵢᵀ Gᵢ, with Pᵢ (T × D) 
 respect to the layer's output. Its squared Frobenius norm can be had two ways (Bu et al., "mixed ghost
 clipping"):
 
-- instantiate: form Pᵢᵀ Gᵢ (D × p) and square it — cost T·D·p, memory D·p per example. It is formed
-  by TensorFlow's own filter-gradient kernel run per example, which on CPU is 2–4× faster than
-  extracting patches, and the result is kept: the clipped sum is then Σᵢ cᵢ Gᵢ with no further pass;
+- instantiate: form Pᵢᵀ Gᵢ (D × p) and square it — cost T·D·p, memory D·p per example — and keep it:
+  the clipped sum is then Σᵢ cᵢ Gᵢ with no further pass. It is formed either by TensorFlow's own
+  filter-gradient kernel run per example ("loop"; on CPU faster than extracting patches) or for all
+  examples at once as one batched matrix product of the patches and the output gradients ("batched";
+  one large kernel instead of B small sequential ones on a GPU, at the price of B·T·D patch memory);
 - ghost: ‖Pᵢᵀ Gᵢ‖² = ⟨Pᵢ Pᵢᵀ, Gᵢ Gᵢᵀ⟩ — cost T²·(D + p), memory T² per example, never forming the
   gradient.
 
@@ -104,6 +106,53 @@ def per_example_conv_kernel_grads(inputs: tf.Tensor, output_grads: tf.Tensor, ke
 
     return tf.map_fn(one_example, (inputs, output_grads), parallel_iterations=4,
                      fn_output_signature=tf.TensorSpec(kernel_shape, inputs.dtype))
+
+
+def batched_conv_kernel_grads(inputs: tf.Tensor, output_grads: tf.Tensor, kernel_shape: tuple[int, ...],
+                              strides: tuple[int, ...], padding: str) -> tf.Tensor:
+    """(B, *kernel_shape): every example's kernel gradient Pᵢᵀ Gᵢ at once, as one batched matrix product.
+
+    The same values as ``per_example_conv_kernel_grads`` (1D–3D, dilation 1): the patches' D axis is laid
+    out (kernel position, input channel) row-major, as the kernel's leading axes are.
+    """
+    grads = flatten_positions(output_grads)
+    patches = extract_patches(inputs, tuple(kernel_shape[:-2]), strides, padding)
+    if patches.shape[1] != grads.shape[1]:
+        raise ValueError(f"patches give {patches.shape[1]} positions but the output has {grads.shape[1]}; "
+                         "kernel, strides or padding do not match the layer")
+    return tf.reshape(tf.matmul(patches, grads, transpose_a=True), [-1, *kernel_shape])
+
+
+# On a GPU the loop is B small sequential kernels, so the batched contraction is preferred. Its one extra
+# cost is its patch tensor, B·T·D values, against the B·D·p kernel gradients that instantiation keeps
+# anyway: T/p times as many. Above this ratio the loop is used even on a GPU. There T is large, so each
+# example's own filter gradient (T·D·p flops) is big enough to fill the device and the loop loses little,
+# while the patches would be large: at 512 px and B = 32 the ResNet9 stem's (T/p = 1024) would take
+# 1.2 GB, a 3D stem's far more. Not tuned on a GPU (none here).
+BATCHED_MAX_PATCH_RATIO = 64
+
+
+def gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU (where a per-example loop is B small sequential kernels)."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def batched_is_preferred(output_grads: tf.Tensor, kernel_shape: tuple[int, ...]) -> bool:
+    """Instantiate by the batched contraction rather than the loop: for a 1×1 kernel, or on a GPU when
+    its patches are not much larger than the kernel gradients.
+
+    On a CPU, extracting k×k patches costs more than the loop's whole filter gradient: for the ResNet9 at
+    128 px the loop was 1.6–5.6× faster on the stem and stage 1, about even on stage 2's 3×3 layers
+    (benchmarks/per_example_conv.py, 2 cores). A 1×1 kernel's patches are its strided input — nothing to
+    extract, no more memory than the input — and there the batched product was 2–3× faster than the loop.
+    """
+    positions = output_grads.shape[1:-1].num_elements()
+    if positions is None:
+        raise ValueError(f"fast clipping needs static spatial shapes, got {output_grads.shape}; build the model "
+                         "with a fixed input size")
+    if all(int(size) == 1 for size in kernel_shape[:-2]):
+        return True
+    return gpu_visible() and positions <= BATCHED_MAX_PATCH_RATIO * int(kernel_shape[-1])
 
 
 def conv_cost_prefers_ghost(output_grads: tf.Tensor, kernel_shape: tuple[int, ...]) -> bool:

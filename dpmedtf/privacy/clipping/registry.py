@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Callable
 import tensorflow as tf
 
 from dpmedtf.errors import DpmedtfError
-from dpmedtf.privacy.clipping.rules import (NORM_METHODS, LayerGradients, NormMethod, acs_conv_layer_computation,
+from dpmedtf.privacy.clipping.rules import (NORM_METHODS, InstantiateWith, LayerGradients, NormMethod,
+                                            acs_conv_layer_computation, check_instantiate_with,
                                             conv_layer_computation, dense_layer_computation,
                                             embedding_layer_computation, group_norm_layer_computation,
                                             layer_norm_layer_computation)
@@ -37,8 +38,10 @@ class RegistrationError(DpmedtfError, TypeError, ValueError):
 Rule = Callable[..., tuple]
 """``(layer, input_args, input_kwargs, tape, num_microbatches) -> (base, outputs, sqr_norm_fn)``."""
 
-# Rules that take ``method`` (ghost or instantiated norms): the table holds them unbound.
+# Rules that take ``method`` (ghost or instantiated norms), and those that also take ``instantiate_with``
+# (loop or batched per-example conv kernel gradients): the table holds them unbound.
 _NORM_METHOD_RULES = (conv_layer_computation, acs_conv_layer_computation, dense_layer_computation)
+_INSTANTIATE_WITH_RULES = (conv_layer_computation, acs_conv_layer_computation)
 
 _rule_table: dict[type, Rule] = {}
 """The one table of layer classes the fast engine clips and their rules (filled on first use)."""
@@ -120,10 +123,17 @@ def _carrying_masks(rule: Rule) -> Rule:
     return with_masks
 
 
-def _rules(method: NormMethod) -> dict[type, Rule]:
+def _bound(rule: Rule, method: NormMethod, instantiate_with: InstantiateWith) -> Rule:
+    if rule in _INSTANTIATE_WITH_RULES:
+        return partial(rule, method=method, instantiate_with=instantiate_with)
+    return partial(rule, method=method) if rule in _NORM_METHOD_RULES else rule
+
+
+def _rules(method: NormMethod, instantiate_with: InstantiateWith = "auto") -> dict[type, Rule]:
     if method not in NORM_METHODS:
         raise ValueError(f"norm method must be one of {NORM_METHODS}, got {method!r}")
-    return {layer_class: _carrying_masks(partial(rule, method=method) if rule in _NORM_METHOD_RULES else rule)
+    check_instantiate_with(instantiate_with)
+    return {layer_class: _carrying_masks(_bound(rule, method, instantiate_with))
             for layer_class, rule in _table().items()}
 
 
@@ -137,16 +147,19 @@ def is_supported(layer: tf.keras.layers.Layer) -> bool:
     return type(layer) in _table()
 
 
-def make_layer_registry(norm_method: NormMethod = "cost") -> LayerRegistry:
+def make_layer_registry(norm_method: NormMethod = "cost", *,
+                        instantiate_with: InstantiateWith = "auto") -> LayerRegistry:
     """A tensorflow-privacy registry of every layer dpmedtf's fast engine clips (``register_layer``'s too).
 
     ``norm_method`` "cost" picks ghost or instantiated norms per layer by flops; "ghost" and
-    "instantiate" force one (tests compare both paths with a per-example loop).
+    "instantiate" force one (tests compare both paths with a per-example loop). ``instantiate_with``
+    says how an instantiated conv kernel gradient is formed: "auto" by device and shape, "loop" or
+    "batched" forced (``rules.InstantiateWith``).
     """
     # Imported here: which layers are supported is asked without tensorflow-privacy (models.validate).
     from tensorflow_privacy.privacy.fast_gradient_clipping.layer_registry import LayerRegistry
 
     registry = LayerRegistry()
-    for layer_class, rule in _rules(norm_method).items():
+    for layer_class, rule in _rules(norm_method, instantiate_with).items():
         registry.insert(layer_class, rule)
     return registry

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 import tensorflow as tf
 
 from dpmedtf.errors import DpmedtfError
-from dpmedtf.privacy.clipping.norms import (conv_cost_prefers_ghost, conv_ghost_squared_norms, embedding_clipped_sum,
-                                            embedding_squared_norms, flatten_positions, ghost_is_cheaper,
-                                            gram_squared_norms, group_normalize, layer_normalize,
-                                            per_example_conv_kernel_grads, round_up_to, squared_norms_of,
-                                            summed_over_axes, summed_over_positions)
+from dpmedtf.privacy.clipping.norms import (batched_conv_kernel_grads, batched_is_preferred, conv_cost_prefers_ghost,
+                                            conv_ghost_squared_norms, embedding_clipped_sum, embedding_squared_norms,
+                                            flatten_positions, ghost_is_cheaper, gram_squared_norms, group_normalize,
+                                            layer_normalize, per_example_conv_kernel_grads, round_up_to,
+                                            squared_norms_of, summed_over_axes, summed_over_positions)
 
 if TYPE_CHECKING:
     from dpmedtf.models.acs import ACSConv
@@ -39,6 +39,12 @@ NormMethod = Literal["cost", "ghost", "instantiate"]
 """How a convolution's (or a sequence Dense's) norm is had: cheaper by the cost model, or forced."""
 
 NORM_METHODS: tuple[str, ...] = ("cost", "ghost", "instantiate")
+
+InstantiateWith = Literal["auto", "loop", "batched"]
+"""How an instantiated conv kernel gradient is formed: per example ("loop"), for all examples in one
+matrix product ("batched"), or by device and shape ("auto", ``norms.batched_is_preferred``)."""
+
+INSTANTIATE_WITH: tuple[str, ...] = ("auto", "loop", "batched")
 
 _ACS_PLANES = ("axial", "coronal", "sagittal")
 
@@ -107,8 +113,23 @@ def _use_ghost(method: NormMethod, prefers_ghost: Callable[[], bool]) -> bool:
     return prefers_ghost() if method == "cost" else method == "ghost"
 
 
+def check_instantiate_with(instantiate_with: str) -> None:
+    if instantiate_with not in INSTANTIATE_WITH:
+        raise ValueError(f"instantiate_with must be one of {INSTANTIATE_WITH}, got {instantiate_with!r}")
+
+
+def _conv_kernel_grads(inputs: tf.Tensor, output_grads: tf.Tensor, kernel_shape: tuple[int, ...],
+                       strides: tuple[int, ...], padding: str, instantiate_with: InstantiateWith) -> tf.Tensor:
+    """(B, *kernel_shape) per-example kernel gradients, by the loop or the batched contraction."""
+    check_instantiate_with(instantiate_with)
+    batched = (batched_is_preferred(output_grads, kernel_shape) if instantiate_with == "auto"
+               else instantiate_with == "batched")
+    kernel_grads = batched_conv_kernel_grads if batched else per_example_conv_kernel_grads
+    return kernel_grads(inputs, output_grads, kernel_shape, strides, padding)
+
+
 def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTape, num_microbatches=None, *,
-                           method: NormMethod = "cost"):
+                           method: NormMethod = "cost", instantiate_with: InstantiateWith = "auto"):
     """Conv1D / Conv2D / Conv3D (channels last, dilation 1, groups 1): ghost or instantiated kernel norms."""
     inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
     unsupported = [what for what, bad in (("channels_first", layer.data_format != "channels_last"),
@@ -127,7 +148,7 @@ def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTap
             if layer.use_bias:
                 squared += squared_norms_of(summed_over_positions(base_grads))
             return squared, None
-        per_example = [per_example_conv_kernel_grads(inputs, base_grads, kernel_shape, strides, layer.padding)]
+        per_example = [_conv_kernel_grads(inputs, base_grads, kernel_shape, strides, layer.padding, instantiate_with)]
         if layer.use_bias:
             per_example.append(summed_over_positions(base_grads))
         return _instantiated(per_example)
@@ -136,7 +157,8 @@ def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTap
 
 
 def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: tf.GradientTape,
-                               num_microbatches=None, *, method: NormMethod = "cost"):
+                               num_microbatches=None, *, method: NormMethod = "cost",
+                               instantiate_with: InstantiateWith = "auto"):
     """ACSConv: each plane's output channels come from its own 3D kernel, so the squared norms add up."""
     from dpmedtf.models.acs import acs_split  # see _rules
 
@@ -155,8 +177,8 @@ def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: t
             if layer.use_bias:
                 squared += squared_norms_of(summed_over_positions(base_grads))
             return squared, None
-        kernels = [tf.squeeze(per_example_conv_kernel_grads(inputs, part, (*size, in_channels, channels), (s, s, s),
-                                                            layer.padding), axis=1 + plane)
+        kernels = [tf.squeeze(_conv_kernel_grads(inputs, part, (*size, in_channels, channels), (s, s, s),
+                                                 layer.padding, instantiate_with), axis=1 + plane)
                    for plane, (part, size, channels) in enumerate(zip(parts, plane_sizes, splits))]
         per_example = [tf.concat(kernels, axis=-1)]  # (B, k, k, Cin, Cout): the layer's 2D kernel layout
         if layer.use_bias:
