@@ -10,6 +10,9 @@ residual add). Convolutions carry no bias (the GroupNorm after each supplies the
 the paper's 4,909,896 trainable parameters for 3-channel input and 8 outputs.
 
 Layer names are the same in 2D and 3D, so ``convert_to_acs`` can carry weights across by name.
+GroupNorm and Mish are ``models.layers``' faster equivalents of Keras' GroupNormalization and
+Activation("mish") (same weights, names and outputs); ``fast_layers=False`` builds Keras' own, the
+layers of models saved before, which still load and convert.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import tensorflow as tf
 
 from dpmedtf.errors import ModelError
 from dpmedtf.models.acs import ACSConv
+from dpmedtf.models.layers import GroupNorm, Mish
 
 PAPER_WIDTHS = (64, 128, 256, 512)
 STAGE_STRIDES = (1, 2, 2, 2)
@@ -30,8 +34,12 @@ MIN_INPUT_SIZE = 32
 
 def build_resnet9(input_shape: Sequence[int], num_outputs: int, activation: str = "mish", groups: int = 32,
                   scale_norm: bool = False, widths: Sequence[int] = PAPER_WIDTHS,
-                  name: str = "resnet9") -> tf.keras.Model:
-    """GroupNorm ResNet9: 2D for ``input_shape`` (H, W, C), ACS-3D for (D, H, W, C). Outputs logits."""
+                  name: str = "resnet9", fast_layers: bool = True) -> tf.keras.Model:
+    """GroupNorm ResNet9: 2D for ``input_shape`` (H, W, C), ACS-3D for (D, H, W, C). Outputs logits.
+
+    ``fast_layers=False`` uses Keras' GroupNormalization and Activation("mish") instead of dpmedtf's
+    GroupNorm and Mish (the same network, slower; for comparison).
+    """
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) not in (3, 4):
         raise ModelError(f"input_shape must be (H, W, C) or (D, H, W, C), got {input_shape}")
@@ -45,7 +53,7 @@ def build_resnet9(input_shape: Sequence[int], num_outputs: int, activation: str 
                          "set model.groups to a divisor of every width, e.g. 32")
     if num_outputs < 1:
         raise ModelError(f"num_outputs must be ≥ 1, got {num_outputs}")
-    ops = _Ops(volumetric=len(input_shape) == 4, activation=activation, groups=groups)
+    ops = _Ops(volumetric=len(input_shape) == 4, activation=activation, groups=groups, fast=fast_layers)
 
     inputs = tf.keras.Input(input_shape, name="image")
     x = ops.conv(inputs, widths[0], 7, 2, "stem_conv")
@@ -73,8 +81,8 @@ def _basic_block(ops: "_Ops", x: tf.Tensor, width: int, stride: int, scale_norm:
 class _Ops:
     """The layer vocabulary of one dimensionality: Conv2D/pools for 2D, ACSConv/3D pools for volumes."""
 
-    def __init__(self, volumetric: bool, activation: str, groups: int):
-        self.volumetric, self.activation, self.groups = volumetric, activation, groups
+    def __init__(self, volumetric: bool, activation: str, groups: int, fast: bool = True):
+        self.volumetric, self.activation, self.groups, self.fast = volumetric, activation, groups, fast
 
     def conv(self, x, filters, kernel_size, strides, name):
         if self.volumetric:
@@ -83,9 +91,12 @@ class _Ops:
                                       kernel_initializer="he_normal", name=name)(x)
 
     def norm(self, x, name):
-        return tf.keras.layers.GroupNormalization(self.groups, epsilon=GROUPNORM_EPSILON, name=name)(x)
+        norm = GroupNorm if self.fast else tf.keras.layers.GroupNormalization
+        return norm(self.groups, epsilon=GROUPNORM_EPSILON, name=name)(x)
 
     def act(self, x, name):
+        if self.fast and self.activation == "mish":
+            return Mish(name=name)(x)
         return tf.keras.layers.Activation(self.activation, name=name)(x)
 
     def max_pool(self, x, name):
@@ -131,7 +142,8 @@ def describe_resnet9(model: tf.keras.Model) -> dict:
     try:
         stem_conv, stem_gn = model.get_layer("stem_conv"), model.get_layer("stem_gn")
         widths = tuple(int(model.get_layer(f"stage{i}_conv2").get_config()["filters"]) for i in range(1, 5))
-        activation = model.get_layer("stem_act").get_config()["activation"]
+        stem_act = model.get_layer("stem_act")
+        activation = "mish" if isinstance(stem_act, Mish) else stem_act.get_config()["activation"]
     except ValueError as exc:
         raise ModelError(f"{model.name} is not a dpmedtf ResNet9 ({exc}); model.pretrained_weights must be a model "
                          "dpmedtf trained (a ResNet9 .keras file)") from None

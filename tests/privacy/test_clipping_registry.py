@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dpmedtf.models import ACSConv
+from dpmedtf.models import ACSConv, GroupNorm
 from dpmedtf.privacy.clipping import (UnsupportedLayerError, check_supported, fast_clipped_gradient_sum, is_supported,
                                       make_layer_registry, supported_layer_types, unsupported_layers)
 
@@ -17,12 +17,12 @@ class MyDense(L.Dense):
 
 def test_the_supported_layers():
     assert set(supported_layer_types()) == {L.Dense, L.Conv1D, L.Conv2D, L.Conv3D, ACSConv, L.GroupNormalization,
-                                            L.LayerNormalization, L.Embedding}
+                                            GroupNorm, L.LayerNormalization, L.Embedding}
 
 
 @pytest.mark.parametrize("layer, supported", [
     (L.Dense(2), True), (L.Conv1D(2, 3), True), (L.Conv2D(2, 3), True), (L.Conv3D(2, 3), True),
-    (ACSConv(3, 3), True), (L.GroupNormalization(1), True),
+    (ACSConv(3, 3), True), (L.GroupNormalization(1), True), (GroupNorm(1), True),
     (L.Conv2DTranspose(2, 3), False), (L.DepthwiseConv2D(3), False), (L.SeparableConv2D(2, 3), False),
     (L.LayerNormalization(), True), (L.Embedding(5, 2), True), (L.PReLU(), False), (MyDense(2), False)])
 def test_lookup_is_by_exact_class_and_agrees_with_the_registry_object(layer, supported):

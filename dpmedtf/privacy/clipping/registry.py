@@ -2,7 +2,8 @@
 
 tensorflow-privacy's ``LayerRegistry`` maps a layer class to a rule
 ``(layer, input_args, input_kwargs, tape, num_microbatches) -> (base_vars, outputs, sqr_norm_fn)``
-(``rules`` has ours). We register Dense, Conv1D, Conv2D, Conv3D, ACSConv, GroupNormalization, LayerNormalization and
+(``rules`` has ours). We register Dense, Conv1D, Conv2D, Conv3D, ACSConv, GroupNormalization (and dpmedtf's
+faster GroupNorm), LayerNormalization and
 Embedding in that form, so the registry also plugs into tensorflow-privacy's own ``compute_gradient_norms``;
 ``register_layer`` adds a rule for a class of one's own (as ``LayerRegistry.insert`` or opacus'
 ``register_grad_sampler`` do).
@@ -52,12 +53,14 @@ def _table() -> dict[type, Rule]:
         # dpmedtf.models is imported on use, not with this module: models.validate asks this table, and
         # importing the models package imports models.validate, so a module-level import would be circular.
         from dpmedtf.models.acs import ACSConv
+        from dpmedtf.models.layers import GroupNorm
 
         layers = tf.keras.layers
         _rule_table.update({
             layers.Dense: dense_layer_computation, layers.Conv1D: conv_layer_computation,
             layers.Conv2D: conv_layer_computation, layers.Conv3D: conv_layer_computation,
             ACSConv: acs_conv_layer_computation, layers.GroupNormalization: group_norm_layer_computation,
+            GroupNorm: group_norm_layer_computation,  # the same function and weights, faster arithmetic
             layers.LayerNormalization: layer_norm_layer_computation, layers.Embedding: embedding_layer_computation})
     return _rule_table
 

@@ -218,21 +218,23 @@ def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, inpu
     """GroupNormalization over the channel (last) axis, computed here so that x̂ is at hand.
 
     Per example, ∂ℓ/∂γ = Σ_positions g·x̂ and ∂ℓ/∂β = Σ_positions g: 2C numbers, always instantiated.
-    The forward is the layer's own arithmetic (two-pass moments, then γ·x̂ + β).
+    The forward is ``models.layers.group_norm`` (two-pass moments, γ and β folded into one scale and
+    offset, a hand-derived backward: 2–4× faster than differentiating γ·x̂ + β); x̂ is formed again only
+    for ∂γ, where nothing differentiates it.
     """
+    # Imported on use: dpmedtf.models imports models.validate, which asks this package's registry.
+    from dpmedtf.models.layers import group_norm
+
     inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
     if layer.axis not in (-1, inputs.shape.rank - 1):
         raise NotImplementedError(f"layer '{layer.name}': fast clipping supports GroupNormalization over the last "
                                   f"axis only (got axis={layer.axis})")
-    normalized = group_normalize(inputs, layer.groups, layer.epsilon)
-    outputs = normalized
-    if layer.scale:
-        outputs = outputs * layer.gamma
-    if layer.center:
-        outputs = outputs + layer.beta
+    outputs = group_norm(inputs, layer.gamma if layer.scale else None, layer.beta if layer.center else None,
+                         layer.groups, layer.epsilon)
     tape.watch(outputs)
 
     def compute(output_grads):
+        normalized = group_normalize(inputs, layer.groups, layer.epsilon)
         per_example = []
         if layer.scale:
             per_example.append(summed_over_positions(output_grads * normalized))
