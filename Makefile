@@ -83,3 +83,8 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV) $(CONSUMER_VENV)
+
+# The input path at hospital scale (not in `make bench`: ~30–40 min and ~16 GB of disk at the default 20,000 images).
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	$(VENV)/bin/python benchmarks/scale.py
