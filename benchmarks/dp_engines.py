@@ -1,11 +1,12 @@
 """DP engines side by side in one run: non-private, fast, tensorflow-privacy vectorized, and Opacus 1.6.
 
-For every image size and batch size, runs one process per engine in turn (so each sees the same machine
-load and its own peak memory): benchmarks/dp_step.py for the TensorFlow engines and
+For every setting (image size : batch size), runs one process per engine in turn (so each sees the same
+machine load and its own peak memory): benchmarks/dp_step.py for the TensorFlow engines — each also
+compiled with XLA (``-xla``: training.jit_compile: true, padded fixed-shape chunks) — and
 benchmarks/opacus_step.py (PyTorch 2.13 CPU + Opacus 1.6, in its own virtual environment, created on
 first use) for the PyTorch ones. Writes benchmarks/results/dp_engines.json and .md.
 
-  python benchmarks/dp_engines.py [--batch-sizes 16 32 64] [--image-sizes 64 128] [--steps 8]
+  python benchmarks/dp_engines.py [--settings 128:32 256:16 512:8] [--steps 8]
                                   [--large 128:224]   # also: can the fast engine train B=128 at 224 px?
 """
 
@@ -21,9 +22,9 @@ import venv
 from pathlib import Path
 
 HERE = Path(__file__).parent
-TF_ENGINES = ("nondp", "fast", "vectorized")
+TF_ENGINES = ("nondp", "fast", "vectorized", "nondp-xla", "fast-xla")
 TORCH_ENGINES = ("torch-nondp", "opacus", "opacus-ghost")
-TORCH_REQUIREMENTS = ("torch==2.13.0", "opacus==1.6.0", "numpy<2")
+TORCH_REQUIREMENTS = ("torch==2.13.0+cpu", "opacus==1.6.0", "numpy<2")  # the CPU wheel: no CUDA libraries
 # tensorflow-privacy's vectorized engine needs ≈ 10.7 GB at B=32, 128 px and grows linearly with B·H²;
 # beyond this many pixels per step it would not fit beside the other processes, so it is not run there.
 VECTORIZED_MAX_PIXELS = 32 * 128 * 128
@@ -42,21 +43,24 @@ def run_engine(engine: str, batch_size: int, image_size: int, steps: int, out: P
                devices: int = 1) -> dict:
     script, python = (("opacus_step.py", python_for_torch) if engine in TORCH_ENGINES
                       else ("dp_step.py", Path(sys.executable)))
-    command = [str(python), str(HERE / script), "--engine", engine, "--batch-size", str(batch_size),
-               "--image-size", str(image_size), "--steps", str(steps), "--json", str(out)]
+    compiled = engine.endswith("-xla")
+    command = [str(python), str(HERE / script), "--engine", engine.removesuffix("-xla"), "--batch-size",
+               str(batch_size), "--image-size", str(image_size), "--steps", str(steps), "--json", str(out)]
+    if compiled:
+        command.append("--xla")
     if devices > 1:
         command += ["--devices", str(devices)]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:]
         return {"engine": engine, "batch_size": batch_size, "image_size": image_size, "error": " ".join(tail)}
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "engine": engine}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--settings", nargs="+", default=["128:32", "256:16", "512:8"],
+                        help="image size:batch size pairs (the issue's 128 px B = 32, 256 px B = 16, 512 px B = 8)")
     parser.add_argument("--engines", nargs="+", default=[*TF_ENGINES, *TORCH_ENGINES],
                         choices=[*TF_ENGINES, *TORCH_ENGINES])
     parser.add_argument("--steps", type=int, default=8)
@@ -67,17 +71,16 @@ def main() -> None:
     python_for_torch = torch_python(args.torch_venv) if set(args.engines) & set(TORCH_ENGINES) else None
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for image_size in args.image_sizes:
-            for batch_size in args.batch_sizes:
-                for engine in args.engines:
-                    if engine == "vectorized" and batch_size * image_size ** 2 > VECTORIZED_MAX_PIXELS:
-                        results.append({"engine": engine, "batch_size": batch_size, "image_size": image_size,
-                                        "skipped": "memory: grows with B·H², > 20 GB expected here"})
-                        continue
-                    result = run_engine(engine, batch_size, image_size, args.steps,
-                                        Path(tmp) / f"{engine}-{batch_size}-{image_size}.json", python_for_torch)
-                    print(json.dumps(result), flush=True)
-                    results.append(result)
+        for image_size, batch_size in (map(int, setting.split(":")) for setting in args.settings):
+            for engine in args.engines:
+                if engine == "vectorized" and batch_size * image_size ** 2 > VECTORIZED_MAX_PIXELS:
+                    results.append({"engine": engine, "batch_size": batch_size, "image_size": image_size,
+                                    "skipped": "memory: grows with B·H², > 20 GB expected here"})
+                    continue
+                result = run_engine(engine, batch_size, image_size, args.steps,
+                                    Path(tmp) / f"{engine}-{batch_size}-{image_size}.json", python_for_torch)
+                print(json.dumps(result), flush=True)
+                results.append(result)
         large = None
         if args.large:
             batch_size, image_size = (int(v) for v in args.large.split(":"))
@@ -120,13 +123,15 @@ def markdown_table(rows: list[dict], large: dict | None) -> str:
     def ratio(value):
         return "–" if value is None else f"{value:.2f}×"
 
-    lines = ["| px | B | non-DP | fast DP | vectorized DP | Opacus | Opacus ghost | PyTorch non-DP | fast step time ÷ non-DP "
-             "| fast memory ÷ non-DP | fast ÷ Opacus | memory MB non-DP / fast / vectorized / Opacus |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| px | B | non-DP | fast DP | vectorized DP | non-DP XLA | fast DP XLA | Opacus | Opacus ghost "
+             "| PyTorch non-DP | fast step time ÷ non-DP | fast memory ÷ non-DP | fast ÷ Opacus "
+             "| memory MB non-DP / fast / vectorized / Opacus |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         memory = " / ".join(number(r[f"{e}_peak_rss_mb"], 0) for e in ("nondp", "fast", "vectorized", "opacus"))
         lines.append(f"| {r['image_size']} | {r['batch_size']} | {number(r['nondp_samples_per_s'])} "
                      f"| {number(r['fast_samples_per_s'])} | {number(r['vectorized_samples_per_s'])} "
+                     f"| {number(r['nondp-xla_samples_per_s'])} | {number(r['fast-xla_samples_per_s'])} "
                      f"| {number(r['opacus_samples_per_s'])} | {number(r['opacus-ghost_samples_per_s'])} "
                      f"| {number(r['torch-nondp_samples_per_s'])} | {ratio(r['fast_step_time_vs_nondp'])} "
                      f"| {ratio(r['fast_memory_vs_nondp'])} | {ratio(r['fast_vs_opacus_throughput'])} | {memory} |")
