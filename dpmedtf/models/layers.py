@@ -59,9 +59,18 @@ def group_norm(inputs: tf.Tensor, gamma: tf.Tensor | None, beta: tf.Tensor | Non
                epsilon: float) -> tf.Tensor:
     """GroupNormalization over the last axis of (B, …, C): γ·(x − μ)/√(σ² + ε) + β per (example, group).
 
-    The moments are two-pass (the mean, then the mean squared deviation from it), as Keras' and
-    ``privacy.clipping.norms.group_normalize``'s; γ and β may be None (scale or center off). Half-precision
-    inputs are normalised in float32.
+    The moments are two-pass (the mean, then the mean squared deviation from it), as Keras'; γ and β may
+    be None (scale or center off). Half-precision inputs are normalised in float32.
+    """
+    return group_norm_with_moments(inputs, gamma, beta, groups, epsilon)[0]
+
+
+def group_norm_with_moments(inputs: tf.Tensor, gamma: tf.Tensor | None, beta: tf.Tensor | None, groups: int,
+                            epsilon: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``group_norm``'s outputs, and its per-(example, group) mean μ and 1/√(σ² + ε), each (B, 1, G, 1).
+
+    The moments are for reading (the fast DP engine's per-example ∂γ = Σ g·x̂ = (Σ g·x − μ Σ g)/σ needs
+    them, and would otherwise normalise the input a second time); no gradient flows back through them.
     """
     inputs = tf.convert_to_tensor(inputs)
     dtype = tf.float32 if inputs.dtype in _HALF_TYPES else inputs.dtype
@@ -70,8 +79,8 @@ def group_norm(inputs: tf.Tensor, gamma: tf.Tensor | None, beta: tf.Tensor | Non
     # variable is read here, outside the custom gradient, so that its gradient reaches it through the read.
     gamma = tf.ones([channels], dtype) if gamma is None else tf.cast(tf.convert_to_tensor(gamma), dtype)
     beta = tf.zeros([channels], dtype) if beta is None else tf.cast(tf.convert_to_tensor(beta), dtype)
-    outputs = _group_norm_fn(groups, epsilon)(tf.cast(inputs, dtype), gamma, beta)
-    return tf.cast(outputs, inputs.dtype)
+    outputs, mean, inv_std = _group_norm_fn(groups, epsilon)(tf.cast(inputs, dtype), gamma, beta)
+    return tf.cast(outputs, inputs.dtype), tf.stop_gradient(mean), tf.stop_gradient(inv_std)
 
 
 def _group_norm_fn(groups: int, epsilon: float):
@@ -92,7 +101,7 @@ def _group_norm_fn(groups: int, epsilon: float):
         offset = beta_g - mean * scale
         outputs = tf.reshape(grouped * scale + offset, tf.shape(x))
 
-        def grad(dy):
+        def grad(dy, unused_d_mean=None, unused_d_inv_std=None):  # the moments are read, never differentiated
             dy = tf.reshape(dy, tf.shape(grouped))
             count = tf.cast(tf.shape(grouped)[1] * per_group, x.dtype)  # elements per (example, group)
             dy_sum = tf.reduce_sum(dy, axis=1, keepdims=True)  # Σ dy per (example, channel)
@@ -113,7 +122,7 @@ def _group_norm_fn(groups: int, epsilon: float):
             dx = dy * scale + (grouped * x_coefficient + constant)
             return tf.reshape(dx, tf.shape(x)), d_gamma, d_beta
 
-        return outputs, grad
+        return (outputs, mean, inv_std), grad
 
     return normalize
 

@@ -205,19 +205,6 @@ def clip_factors(squared_norms: tf.Tensor, clip_norm, dtype: tf.DType) -> tf.Ten
     return round_down_to(factors, dtype)
 
 
-def group_normalize(inputs: tf.Tensor, groups: int, epsilon: float) -> tf.Tensor:
-    """x̂ of GroupNormalization over the last axis (before scale γ and shift β): Keras' two-pass moments."""
-    channels = inputs.shape[-1]
-    grouped = tf.reshape(inputs, [-1, inputs.shape[1:-1].num_elements(), groups, channels // groups])
-    # Positions first, then the group's channels (equal counts: the mean of means): TensorFlow's CPU
-    # reduction over both non-adjacent axes at once is 2–3× slower at the ResNet9's shapes.
-    mean = tf.reduce_mean(tf.reduce_mean(grouped, axis=1, keepdims=True), axis=3, keepdims=True)
-    variance = tf.reduce_mean(tf.reduce_mean(tf.math.squared_difference(grouped, mean), axis=1, keepdims=True),
-                              axis=3, keepdims=True)
-    normalized = (grouped - mean) * tf.math.rsqrt(variance + epsilon)
-    return tf.reshape(normalized, tf.shape(inputs))
-
-
 def layer_normalize(inputs: tf.Tensor, axes: list[int], epsilon: float) -> tf.Tensor:
     """x̂ of LayerNormalization over ``axes`` (before scale γ and shift β): Keras' moments, keepdims."""
     mean, variance = tf.nn.moments(inputs, axes, keepdims=True)

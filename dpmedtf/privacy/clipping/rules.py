@@ -23,7 +23,7 @@ import tensorflow as tf
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.privacy.clipping.norms import (batched_conv_kernel_grads, batched_is_preferred, conv_cost_prefers_ghost,
                                             conv_ghost_squared_norms, embedding_clipped_sum, embedding_squared_norms,
-                                            flatten_positions, ghost_is_cheaper, gram_squared_norms, group_normalize,
+                                            flatten_positions, ghost_is_cheaper, gram_squared_norms,
                                             layer_normalize, per_example_conv_kernel_grads, round_up_to,
                                             squared_norms_of, summed_over_axes, summed_over_positions)
 
@@ -219,27 +219,34 @@ def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, inpu
 
     Per example, ∂ℓ/∂γ = Σ_positions g·x̂ and ∂ℓ/∂β = Σ_positions g: 2C numbers, always instantiated.
     The forward is ``models.layers.group_norm`` (two-pass moments, γ and β folded into one scale and
-    offset, a hand-derived backward: 2–4× faster than differentiating γ·x̂ + β); x̂ is formed again only
-    for ∂γ, where nothing differentiates it.
+    offset, a hand-derived backward: 2–4× faster than differentiating γ·x̂ + β). Its moments give
+    Σ g·x̂ = (Σ g·x − μ·Σ g)/σ per (example, channel) — the arithmetic of the layer's own ∂γ — so x̂ is
+    never formed a second time.
     """
     # Imported on use: dpmedtf.models imports models.validate, which asks this package's registry.
-    from dpmedtf.models.layers import group_norm
+    from dpmedtf.models.layers import group_norm_with_moments
 
     inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
     if layer.axis not in (-1, inputs.shape.rank - 1):
         raise NotImplementedError(f"layer '{layer.name}': fast clipping supports GroupNormalization over the last "
                                   f"axis only (got axis={layer.axis})")
-    outputs = group_norm(inputs, layer.gamma if layer.scale else None, layer.beta if layer.center else None,
-                         layer.groups, layer.epsilon)
+    outputs, mean, inv_std = group_norm_with_moments(inputs, layer.gamma if layer.scale else None,
+                                                     layer.beta if layer.center else None, layer.groups,
+                                                     layer.epsilon)
     tape.watch(outputs)
 
     def compute(output_grads):
-        normalized = group_normalize(inputs, layer.groups, layer.epsilon)
+        grads_sum = summed_over_positions(output_grads)  # (B, C): per-example ∂β
         per_example = []
         if layer.scale:
-            per_example.append(summed_over_positions(output_grads * normalized))
+            # (B, C) → (B, 1, G, C/G), the moments' layout: ∂γ = (Σ g·x − μ Σ g)/σ per example and channel.
+            grouped_shape = [-1, 1, layer.groups, inputs.shape[-1] // layer.groups]
+            products_sum = tf.reshape(summed_over_positions(output_grads * inputs), grouped_shape)
+            moments_mean, moments_inv_std = tf.cast(mean, grads_sum.dtype), tf.cast(inv_std, grads_sum.dtype)
+            gamma_grads = moments_inv_std * (products_sum - moments_mean * tf.reshape(grads_sum, grouped_shape))
+            per_example.append(tf.reshape(gamma_grads, tf.shape(grads_sum)))
         if layer.center:
-            per_example.append(summed_over_positions(output_grads))
+            per_example.append(grads_sum)
         return _instantiated(per_example)
 
     return outputs, outputs, LayerGradients(compute)
