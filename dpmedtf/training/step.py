@@ -151,9 +151,10 @@ class GradientStep:
 def jit_compile_for(setting: str | bool) -> bool:
     """``training.jit_compile`` as it runs here: "auto" compiles where a GPU is visible.
 
-    Measured (``benchmarks/dp_engines.py``, ``benchmarks/dp_step.py --xla``): on CPUs XLA's convolutions
-    are slower than oneDNN's, so auto leaves the step uncompiled there; on GPUs XLA fuses GroupNorm,
-    Mish and the clipping arithmetic, TensorFlow's main lever for convolutional training.
+    Measured (``benchmarks/dp_engines.py``, ``benchmarks/dp_step.py --xla``): on 2 CPU cores XLA made the
+    non-private ResNet9 step 2× and the fast DP step 9–30× slower (its per-example loops become XLA
+    while-loops), so auto leaves the step uncompiled there; on GPUs XLA fuses GroupNorm, Mish and the
+    clipping arithmetic, TensorFlow's main lever for convolutional training.
     """
     if setting == "auto":
         return bool(tf.config.list_logical_devices("GPU"))
