@@ -25,7 +25,7 @@ chunks, the noise and the optimizer stay outside the compiled function: their sh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import tensorflow as tf
 
