@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 from dpmedtf.models.resnet9 import PAPER_WIDTHS, STAGE_STRIDES  # noqa: E402
 from dpmedtf.privacy.clipping.norms import (batched_conv_kernel_grads, conv_cost_prefers_ghost,  # noqa: E402
                                             per_example_conv_kernel_grads)
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def resnet9_convs(image_size: int, in_channels: int = 3) -> list[tuple[str, int, int, int, int, int]]:
@@ -42,16 +41,6 @@ def resnet9_convs(image_size: int, in_channels: int = 3) -> list[tuple[str, int,
             convs.append((f"stage{stage}_shortcut_conv", size, 1, stride, channels, width))
         size, channels = size // stride, width
     return convs
-
-
-def median_ms(function, repeats: int) -> float:
-    function()  # warm-up (tracing, allocation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
         timed = {}
         for method, function in (("loop", per_example_conv_kernel_grads), ("batched", batched_conv_kernel_grads)):
             graph = tf.function(lambda x, g, f=function: f(x, g, kernel_shape, strides, "same"))
-            timed[method] = median_ms(lambda: graph(inputs, grads).numpy(), args.repeats)
+            timed[method] = 1000 * median_seconds(lambda: graph(inputs, grads).numpy(), args.repeats)[0]
         rows.append({"layer": name, "input": [size, size, cin], "kernel": list(kernel_shape), "stride": stride,
                      "positions": out_size * out_size, "patch_size": kernel * kernel * cin,
                      "cost_model": "ghost" if conv_cost_prefers_ghost(grads, kernel_shape) else "instantiate",

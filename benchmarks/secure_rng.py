@@ -18,8 +18,6 @@ import functools
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,16 +31,7 @@ from dpmedtf.privacy.noise import noised_mean  # noqa: E402
 from dpmedtf.privacy.randomness import RunSecret, noise_stddev_float32  # noqa: E402
 from dpmedtf.training.losses import weighted_bce_per_example  # noqa: E402
 from dpmedtf.training.step import GradientStep, StepModel  # noqa: E402
-
-
-def median_seconds(function, repeats: int) -> tuple[float, list[float]]:
-    function()  # warm-up (tracing, allocation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def main() -> None:

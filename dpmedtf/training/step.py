@@ -30,6 +30,7 @@ from typing import Callable
 import tensorflow as tf
 
 from dpmedtf.errors import ConfigError
+from dpmedtf.privacy.clipping.norms import gpu_visible
 from dpmedtf.privacy.engines import get_engine
 from dpmedtf.privacy.mechanism import DpSgdMechanism
 from dpmedtf.privacy.noise import noised_mean
@@ -157,7 +158,7 @@ def jit_compile_for(setting: str | bool) -> bool:
     clipping arithmetic, TensorFlow's main lever for convolutional training.
     """
     if setting == "auto":
-        return bool(tf.config.list_logical_devices("GPU"))
+        return gpu_visible()
     if not isinstance(setting, bool):
         raise ConfigError(f"training.jit_compile must be auto, true or false, got {setting!r}")
     return setting

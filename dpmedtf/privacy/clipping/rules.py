@@ -22,10 +22,11 @@ import tensorflow as tf
 
 from dpmedtf.errors import DpmedtfError
 from dpmedtf.privacy.clipping.norms import (NORM_DTYPE, batched_conv_kernel_grads, batched_is_preferred,
-                                            conv_cost_prefers_ghost, conv_ghost_squared_norms, embedding_clipped_sum, embedding_squared_norms,
-                                            flatten_positions, ghost_is_cheaper, gram_squared_norms,
-                                            layer_normalize, per_example_conv_kernel_grads, round_up_to,
-                                            squared_norms_of, summed_over_axes, summed_over_positions)
+                                            conv_cost_prefers_ghost, conv_ghost_squared_norms, embedding_clipped_sum,
+                                            embedding_squared_norms, flatten_positions, ghost_is_cheaper,
+                                            gram_squared_norms, layer_normalize, per_example_conv_kernel_grads,
+                                            round_up_to, squared_norms_of, summed_over_axes, summed_over_positions,
+                                            summed_over_positions64)
 
 if TYPE_CHECKING:
     from dpmedtf.models.acs import ACSConv
@@ -237,13 +238,12 @@ def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, inpu
 
     def compute(output_grads):
         # Sums over positions kept in float64 through the subtraction, where Σ g·x and μ·Σ g may nearly cancel.
-        grads_sum = tf.reduce_sum(tf.cast(flatten_positions(output_grads), NORM_DTYPE), axis=1)  # (B, C): ∂β
+        grads_sum = summed_over_positions64(output_grads)  # (B, C): per-example ∂β
         per_example = []
         if layer.scale:
             # (B, C) → (B, 1, G, C/G), the moments' layout: ∂γ = (Σ g·x − μ Σ g)/σ per example and channel.
             grouped_shape = [-1, 1, layer.groups, inputs.shape[-1] // layer.groups]
-            products = tf.cast(flatten_positions(output_grads * inputs), NORM_DTYPE)
-            products_sum = tf.reshape(tf.reduce_sum(products, axis=1), grouped_shape)
+            products_sum = tf.reshape(summed_over_positions64(output_grads * inputs), grouped_shape)
             gamma_grads = tf.cast(inv_std, NORM_DTYPE) * (
                 products_sum - tf.cast(mean, NORM_DTYPE) * tf.reshape(grads_sum, grouped_shape))
             per_example.append(tf.cast(tf.reshape(gamma_grads, tf.shape(grads_sum)), output_grads.dtype))
