@@ -61,16 +61,11 @@ def group_norm(inputs: tf.Tensor, gamma: tf.Tensor | None, beta: tf.Tensor | Non
 
     The moments are two-pass (the mean, then the mean squared deviation from it), as Keras'; γ and β may
     be None (scale or center off). Half-precision inputs are normalised in float32.
-    """
-    return group_norm_with_moments(inputs, gamma, beta, groups, epsilon)[0]
 
-
-def group_norm_with_moments(inputs: tf.Tensor, gamma: tf.Tensor | None, beta: tf.Tensor | None, groups: int,
-                            epsilon: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """``group_norm``'s outputs, and its per-(example, group) mean μ and 1/√(σ² + ε), each (B, 1, G, 1).
-
-    The moments are for reading (the fast DP engine's per-example ∂γ = Σ g·x̂ = (Σ g·x − μ Σ g)/σ needs
-    them, and would otherwise normalise the input a second time); no gradient flows back through them.
+    γ and β are (C,), or (B, C): one row per example, all equal to the layer's, which the fast DP engine
+    watches. The backward then returns each example's own ∂γ = Σ dy·x̂ and ∂β = Σ dy over positions, (B, C),
+    as the by-products of the input gradient they are (the sums dx needs anyway), instead of their sum
+    over the batch: per-example GroupNorm gradients at no extra pass over the activations.
     """
     inputs = tf.convert_to_tensor(inputs)
     dtype = tf.float32 if inputs.dtype in _HALF_TYPES else inputs.dtype
@@ -79,8 +74,7 @@ def group_norm_with_moments(inputs: tf.Tensor, gamma: tf.Tensor | None, beta: tf
     # variable is read here, outside the custom gradient, so that its gradient reaches it through the read.
     gamma = tf.ones([channels], dtype) if gamma is None else tf.cast(tf.convert_to_tensor(gamma), dtype)
     beta = tf.zeros([channels], dtype) if beta is None else tf.cast(tf.convert_to_tensor(beta), dtype)
-    outputs, mean, inv_std = _group_norm_fn(groups, epsilon)(tf.cast(inputs, dtype), gamma, beta)
-    return tf.cast(outputs, inputs.dtype), tf.stop_gradient(mean), tf.stop_gradient(inv_std)
+    return tf.cast(_group_norm_fn(groups, epsilon)(tf.cast(inputs, dtype), gamma, beta), inputs.dtype)
 
 
 def _group_norm_fn(groups: int, epsilon: float):
@@ -96,19 +90,25 @@ def _group_norm_fn(groups: int, epsilon: float):
         mean = _mean_over_positions_and_group(grouped)  # (B, 1, G, 1)
         variance = _mean_over_positions_and_group(tf.math.squared_difference(grouped, mean))  # two-pass
         inv_std = tf.math.rsqrt(variance + epsilon)
-        gamma_g, beta_g = tf.reshape(gamma, [groups, per_group]), tf.reshape(beta, [groups, per_group])
+        # (1, 1, G, C/G) for the layer's γ and β, (B, 1, G, C/G) for per-example rows of them.
+        gamma_g, beta_g = (tf.reshape(p, [-1, 1, groups, per_group]) for p in (gamma, beta))
         scale = gamma_g * inv_std  # (B, 1, G, C/G): γ/σ per example and channel
         offset = beta_g - mean * scale
         outputs = tf.reshape(grouped * scale + offset, tf.shape(x))
 
-        def grad(dy, unused_d_mean=None, unused_d_inv_std=None):  # the moments are read, never differentiated
+        def parameter_gradient(per_example: tf.Tensor, parameter: tf.Tensor) -> tf.Tensor:
+            """(B, 1, G, C/G) per-example sums → the parameter's shape: summed over the batch for (C,)."""
+            if parameter.shape.rank == 2:
+                return tf.reshape(per_example, [-1, channels])
+            return tf.reshape(tf.reduce_sum(per_example, axis=[0, 1]), [channels])
+
+        def grad(dy):
             dy = tf.reshape(dy, tf.shape(grouped))
             count = tf.cast(tf.shape(grouped)[1] * per_group, x.dtype)  # elements per (example, group)
             dy_sum = tf.reduce_sum(dy, axis=1, keepdims=True)  # Σ dy per (example, channel)
             # Σ dy·x̂ = (Σ dy·x − μ Σ dy)/σ: the arithmetic Keras' autodiff does for ∂γ, so ∂γ and ∂β agree.
             dy_xhat_sum = inv_std * (tf.reduce_sum(dy * grouped, axis=1, keepdims=True) - mean * dy_sum)
-            d_gamma = tf.reshape(tf.reduce_sum(dy_xhat_sum, axis=[0, 1]), [channels])
-            d_beta = tf.reshape(tf.reduce_sum(dy_sum, axis=[0, 1]), [channels])
+            d_gamma, d_beta = parameter_gradient(dy_xhat_sum, gamma), parameter_gradient(dy_sum, beta)
             # dx = (g − mean(g) − x̂·mean(g·x̂))/σ with g = γ·dy, means over each (example, group); linear in
             # dy and x: dx = dy·s + x·b + c with b = −mean(g·x̂)/σ² and c = −mean(g)/σ − μ·b.
             mean_g = tf.reduce_sum(gamma_g * dy_sum, axis=3, keepdims=True) / count
@@ -122,7 +122,7 @@ def _group_norm_fn(groups: int, epsilon: float):
             dx = dy * scale + (grouped * x_coefficient + constant)
             return tf.reshape(dx, tf.shape(x)), d_gamma, d_beta
 
-        return (outputs, mean, inv_std), grad
+        return outputs, grad
 
     return normalize
 

@@ -105,6 +105,41 @@ def test_layer_normalization_equals_the_per_example_loop(case):
     assert_fast_equals_the_loop(model, *random_data(shape, seed=len(case)))
 
 
+# ------------------------------------------------------------------------------------------ GroupNormalization
+
+GROUP_NORM_CASES = {  # input shape (2D or 3D), layer class name, scale, center
+    "2d_keras": ((4, 5, 4), "GroupNormalization", True, True),
+    "2d_dpmedtf": ((4, 5, 4), "GroupNorm", True, True),
+    "2d_dpmedtf_no_scale": ((4, 5, 4), "GroupNorm", False, True),
+    "2d_dpmedtf_no_center": ((4, 5, 4), "GroupNorm", True, False),
+    "3d_dpmedtf": ((3, 4, 5, 4), "GroupNorm", True, True),
+}
+
+
+def group_norm_model(shape, class_name, scale, center):
+    from dpmedtf.models.layers import GroupNorm
+
+    norm_class = GroupNorm if class_name == "GroupNorm" else L.GroupNormalization
+    conv, pool = (L.Conv2D, L.GlobalAveragePooling2D) if len(shape) == 3 else (L.Conv3D, L.GlobalAveragePooling3D)
+    inputs = tf.keras.Input(shape)
+    x = conv(shape[-1], 3, padding="same", activation="tanh")(inputs)
+    x = norm_class(2, scale=scale, center=center, **RANDOM)(x)
+    x = conv(4, 3, padding="same")(L.Activation("tanh")(x))
+    return tf.keras.Model(inputs, L.Dense(2)(pool()(x)))
+
+
+@pytest.mark.parametrize("case", sorted(GROUP_NORM_CASES))
+def test_group_normalization_equals_the_per_example_loop(case):
+    """The rule reads each example's (∂γ, ∂β) off the layer's own backward, fed per-example rows of γ and β."""
+    shape, class_name, scale, center = GROUP_NORM_CASES[case]
+    model = build_in("float64", lambda: group_norm_model(shape, class_name, scale, center), seed=len(case))
+    norm = next(layer for layer in model.layers if isinstance(layer, L.GroupNormalization))
+    assert type(norm).__name__ == class_name
+    assert [v.name.split("/")[-1].split(":")[0] for v in norm.trainable_variables] == (
+        ["gamma"] * scale + ["beta"] * center)
+    assert_fast_equals_the_loop(model, *random_data(shape, seed=len(case)))
+
+
 def test_layer_normalization_in_float32_matches_keras_fused_arithmetic():
     """float32 with epsilon ≥ 1.001e-5 over trailing axes: Keras takes its fused kernel, the rule does not."""
     model = build_in("float32", lambda: layer_norm_model((4, 5, 3), [1, 2, 3], True, True), seed=4)

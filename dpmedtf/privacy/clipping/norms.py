@@ -175,12 +175,7 @@ def squared_norms_of(per_example: tf.Tensor) -> tf.Tensor:
 
 def summed_over_positions(output_grads: tf.Tensor) -> tf.Tensor:
     """(B, C) per-example bias gradients: the output gradient summed over positions (accumulated in float64)."""
-    return tf.cast(summed_over_positions64(output_grads), output_grads.dtype)
-
-
-def summed_over_positions64(values: tf.Tensor) -> tf.Tensor:
-    """(B, C) sums of (B, *positions, C) ``values`` over positions, accumulated and returned in float64."""
-    return tf.reduce_sum(tf.cast(flatten_positions(values), NORM_DTYPE), axis=1)
+    return tf.cast(tf.reduce_sum(tf.cast(flatten_positions(output_grads), NORM_DTYPE), axis=1), output_grads.dtype)
 
 
 def round_up_to(values: tf.Tensor, dtype: tf.DType) -> tf.Tensor:

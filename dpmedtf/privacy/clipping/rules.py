@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 import tensorflow as tf
 
 from dpmedtf.errors import DpmedtfError
-from dpmedtf.privacy.clipping.norms import (NORM_DTYPE, batched_conv_kernel_grads, batched_is_preferred,
+from dpmedtf.privacy.clipping.norms import (batched_conv_kernel_grads, batched_is_preferred,
                                             conv_cost_prefers_ghost, conv_ghost_squared_norms, embedding_clipped_sum,
                                             embedding_squared_norms, flatten_positions, ghost_is_cheaper,
                                             gram_squared_norms, layer_normalize, per_example_conv_kernel_grads,
-                                            round_up_to, squared_norms_of, summed_over_axes, summed_over_positions,
-                                            summed_over_positions64)
+                                            round_up_to, squared_norms_of, summed_over_axes, summed_over_positions)
 
 if TYPE_CHECKING:
     from dpmedtf.models.acs import ACSConv
@@ -216,42 +215,36 @@ def dense_layer_computation(layer: tf.keras.layers.Dense, input_args, input_kwar
 
 def group_norm_layer_computation(layer: tf.keras.layers.GroupNormalization, input_args, input_kwargs,
                                  tape: tf.GradientTape, num_microbatches=None):
-    """GroupNormalization over the channel (last) axis, computed here so that x̂ is at hand.
+    """GroupNormalization over the channel (last) axis, with γ and β given one row per example.
 
-    Per example, ∂ℓ/∂γ = Σ_positions g·x̂ and ∂ℓ/∂β = Σ_positions g: 2C numbers, always instantiated.
-    The forward is ``models.layers.group_norm`` (two-pass moments, γ and β folded into one scale and
-    offset, a hand-derived backward: 2–4× faster than differentiating γ·x̂ + β). Its moments give
-    Σ g·x̂ = (Σ g·x − μ·Σ g)/σ per (example, channel) — the arithmetic of the layer's own ∂γ — so x̂ is
-    never formed a second time.
+    Per example, ∂ℓ/∂γ = Σ_positions g·x̂ and ∂ℓ/∂β = Σ_positions g: 2C numbers, always instantiated. The
+    forward is ``models.layers.group_norm`` (two-pass moments, γ and β folded into one scale and offset, a
+    hand-derived backward) fed (B, C) rows equal to the layer's γ and β; the watched base is those rows.
+    Its gradient is then each example's (∂γ, ∂β) exactly as the layer's own backward forms them on the way
+    to the input gradient — the per-(example, channel) sums dx needs anyway — so no pass over the
+    activations is added for them. The norms are of exactly these per-example gradients, which are the
+    ones summed.
     """
     # Imported on use: dpmedtf.models imports models.validate, which asks this package's registry.
-    from dpmedtf.models.layers import group_norm_with_moments
+    from dpmedtf.models.layers import group_norm
 
     inputs = _single_input(layer, input_args, input_kwargs, num_microbatches)
     if layer.axis not in (-1, inputs.shape.rank - 1):
         raise NotImplementedError(f"layer '{layer.name}': fast clipping supports GroupNormalization over the last "
                                   f"axis only (got axis={layer.axis})")
-    outputs, mean, inv_std = group_norm_with_moments(inputs, layer.gamma if layer.scale else None,
-                                                     layer.beta if layer.center else None, layer.groups,
-                                                     layer.epsilon)
-    tape.watch(outputs)
+    # Only trainable layers are recorded, so at least one of γ and β is there.
+    parameters = [variable for variable, used in ((layer.gamma, layer.scale), (layer.beta, layer.center)) if used]
+    batch, channels = tf.shape(inputs)[0], int(inputs.shape[-1])
+    rows = tf.concat([tf.broadcast_to(p, [batch, channels]) for p in parameters], axis=1)  # row i: example i's (γ, β)
+    tape.watch(rows)
+    split = tf.split(rows, len(parameters), axis=1)
+    outputs = group_norm(inputs, split[0] if layer.scale else None, split[-1] if layer.center else None,
+                         layer.groups, layer.epsilon)
 
-    def compute(output_grads):
-        # Sums over positions kept in float64 through the subtraction, where Σ g·x and μ·Σ g may nearly cancel.
-        grads_sum = summed_over_positions64(output_grads)  # (B, C): per-example ∂β
-        per_example = []
-        if layer.scale:
-            # (B, C) → (B, 1, G, C/G), the moments' layout: ∂γ = (Σ g·x − μ Σ g)/σ per example and channel.
-            grouped_shape = [-1, 1, layer.groups, inputs.shape[-1] // layer.groups]
-            products_sum = tf.reshape(summed_over_positions64(output_grads * inputs), grouped_shape)
-            gamma_grads = tf.cast(inv_std, NORM_DTYPE) * (
-                products_sum - tf.cast(mean, NORM_DTYPE) * tf.reshape(grads_sum, grouped_shape))
-            per_example.append(tf.cast(tf.reshape(gamma_grads, tf.shape(grads_sum)), output_grads.dtype))
-        if layer.center:
-            per_example.append(tf.cast(grads_sum, output_grads.dtype))
-        return _instantiated(per_example)
+    def compute(row_grads):
+        return _instantiated(tf.split(row_grads, len(parameters), axis=1))
 
-    return outputs, outputs, LayerGradients(compute)
+    return rows, outputs, LayerGradients(compute)
 
 
 def layer_norm_layer_computation(layer: tf.keras.layers.LayerNormalization, input_args, input_kwargs,
