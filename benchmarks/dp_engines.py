@@ -6,7 +6,12 @@ compiled with XLA (``-xla``: training.jit_compile: true, padded fixed-shape chun
 benchmarks/opacus_step.py (PyTorch 2.13 CPU + Opacus 1.6, in its own virtual environment, created on
 first use) for the PyTorch ones. Writes benchmarks/results/dp_engines.json and .md.
 
-  python benchmarks/dp_engines.py [--settings 128:32 256:16 512:8] [--steps 8]
+The engines the ratios are taken between (non-private, fast, PyTorch non-private, Opacus) run --rounds
+times, alternating within each round; a ratio is the median of the per-round ratios and a figure the
+median over rounds (one process per engine on a shared 2-core machine varies by ±15 %; pairing the
+runs of one round cancels most of it). The slow engines run once.
+
+  python benchmarks/dp_engines.py [--settings 128:32 256:16 512:8] [--steps 8] [--rounds 3]
                                   [--large 128:224]   # also: can the fast engine train B=128 at 224 px?
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 TF_ENGINES = ("nondp", "fast", "vectorized", "nondp-xla", "fast-xla")
 TORCH_ENGINES = ("torch-nondp", "opacus", "opacus-ghost")
+# Run every round; the others (slow, and in no ratio) once.
+REPEATED_ENGINES = ("nondp", "fast", "torch-nondp", "opacus")
 TORCH_REQUIREMENTS = ("torch==2.13.0+cpu", "opacus==1.6.0", "numpy<2")  # the CPU wheel: no CUDA libraries
 # tensorflow-privacy's vectorized engine needs ≈ 10.7 GB at B=32, 128 px and grows linearly with B·H²;
 # beyond this many pixels per step it would not fit beside the other processes, so it is not run there.
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=[*TF_ENGINES, *TORCH_ENGINES],
                         choices=[*TF_ENGINES, *TORCH_ENGINES])
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help=f"rounds of {', '.join(REPEATED_ENGINES)}")
     parser.add_argument("--large", help="B:H for one extra fast-engine run (memory at scale), e.g. 128:224")
     parser.add_argument("--torch-venv", type=Path, default=HERE / ".venv-opacus")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "dp_engines.json")
@@ -72,15 +81,19 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for image_size, batch_size in (map(int, setting.split(":")) for setting in args.settings):
-            for engine in args.engines:
-                if engine == "vectorized" and batch_size * image_size ** 2 > VECTORIZED_MAX_PIXELS:
-                    results.append({"engine": engine, "batch_size": batch_size, "image_size": image_size,
-                                    "skipped": "memory: grows with B·H², > 20 GB expected here"})
-                    continue
-                result = run_engine(engine, batch_size, image_size, args.steps,
-                                    Path(tmp) / f"{engine}-{batch_size}-{image_size}.json", python_for_torch)
-                print(json.dumps(result), flush=True)
-                results.append(result)
+            for round_number in range(args.rounds):
+                for engine in args.engines:
+                    if round_number and engine not in REPEATED_ENGINES:
+                        continue
+                    if engine == "vectorized" and batch_size * image_size ** 2 > VECTORIZED_MAX_PIXELS:
+                        results.append({"engine": engine, "batch_size": batch_size, "image_size": image_size,
+                                        "round": 0, "skipped": "memory: grows with B·H², > 20 GB expected here"})
+                        continue
+                    result = run_engine(engine, batch_size, image_size, args.steps,
+                                        Path(tmp) / f"{engine}-{batch_size}-{image_size}.json", python_for_torch)
+                    result["round"] = round_number
+                    print(json.dumps(result), flush=True)
+                    results.append(result)
         large = None
         if args.large:
             batch_size, image_size = (int(v) for v in args.large.split(":"))
@@ -96,22 +109,33 @@ def main() -> None:
 
 
 def comparison_rows(results: list[dict]) -> list[dict]:
-    by_key = {(r["image_size"], r["batch_size"], r["engine"]): r for r in results}
+    runs: dict[tuple, dict[int, dict]] = {}
+    for r in results:
+        if "samples_per_s" in r:
+            runs.setdefault((r["image_size"], r["batch_size"], r["engine"]), {})[r.get("round", 0)] = r
     rows = []
     for image_size, batch_size in sorted({(r["image_size"], r["batch_size"]) for r in results}):
-        def get(engine, field):
-            return by_key.get((image_size, batch_size, engine), {}).get(field)
+        def per_round(engine):
+            return runs.get((image_size, batch_size, engine), {})
+
+        def median_of(engine, field):
+            values = [r[field] for r in per_round(engine).values()]
+            return statistics.median(values) if values else None
+
+        def paired_ratio(numerator_engine, denominator_engine, field="samples_per_s"):
+            """Median over the rounds both ran in of numerator/denominator (one round's runs side by side)."""
+            top, bottom = per_round(numerator_engine), per_round(denominator_engine)
+            ratios = [top[k][field] / bottom[k][field] for k in top.keys() & bottom.keys()]
+            return statistics.median(ratios) if ratios else None
 
         row = {"image_size": image_size, "batch_size": batch_size}
         for engine in (*TF_ENGINES, *TORCH_ENGINES):
-            row[f"{engine}_samples_per_s"] = get(engine, "samples_per_s")
-            row[f"{engine}_peak_rss_mb"] = get(engine, "peak_rss_mb")
-        fast, nondp = row["fast_samples_per_s"], row["nondp_samples_per_s"]
-        row["fast_step_time_vs_nondp"] = nondp / fast if fast and nondp else None
-        row["fast_memory_vs_nondp"] = (row["fast_peak_rss_mb"] / row["nondp_peak_rss_mb"]
-                                       if row["fast_peak_rss_mb"] and row["nondp_peak_rss_mb"] else None)
-        opacus = row["opacus_samples_per_s"]
-        row["fast_vs_opacus_throughput"] = fast / opacus if fast and opacus else None
+            row[f"{engine}_samples_per_s"] = median_of(engine, "samples_per_s")
+            row[f"{engine}_peak_rss_mb"] = median_of(engine, "peak_rss_mb")
+            row[f"{engine}_rounds"] = len(per_round(engine))
+        row["fast_step_time_vs_nondp"] = paired_ratio("nondp", "fast")  # time ratio = inverse throughput ratio
+        row["fast_memory_vs_nondp"] = paired_ratio("fast", "nondp", "peak_rss_mb")
+        row["fast_vs_opacus_throughput"] = paired_ratio("fast", "opacus")
         rows.append(row)
     return rows
 
@@ -136,7 +160,8 @@ def markdown_table(rows: list[dict], large: dict | None) -> str:
                      f"| {number(r['torch-nondp_samples_per_s'])} | {ratio(r['fast_step_time_vs_nondp'])} "
                      f"| {ratio(r['fast_memory_vs_nondp'])} | {ratio(r['fast_vs_opacus_throughput'])} | {memory} |")
     text = ("Samples/s of one training step of the 4.9M-parameter GroupNorm ResNet9 (Mish, 8 outputs), CPU, "
-            "each engine in its own process, measured in turn in one run.\n\n" + "\n".join(lines) + "\n")
+            "each engine in its own process, measured in turn in one run; non-DP, fast, Opacus and PyTorch "
+            "non-DP are medians of alternating rounds, and the ratios medians of per-round ratios.\n\n" + "\n".join(lines) + "\n")
     if large:
         text += (f"\nFast DP at B = {large['batch_size']}, {large['image_size']} px: "
                  + (f"{large['samples_per_s']:.1f} samples/s, peak memory {large['peak_rss_mb'] / 1024:.1f} GB\n"

@@ -2,7 +2,7 @@
 
 For each convolution of the paper's ResNet9 (widths 64–512) at the given image size, the fast engine's
 instantiated kernel gradients of a batch of B examples are formed both ways, in a ``tf.function``:
-- loop: ``norms.per_example_conv_kernel_grads``, TensorFlow's filter-gradient kernel per example (map_fn);
+- loop: ``norms.per_example_conv_kernel_grads``, TensorFlow's filter-gradient kernel per example (a while loop over views of the batch);
 - batched: ``norms.batched_conv_kernel_grads``, the patches Pᵢ (T × D) and output gradients Gᵢ (T × p)
   of all examples contracted in one batched matrix product Pᵢᵀ Gᵢ.
 Each is timed as the median of --repeats runs after a warm-up. The "cost model" column says which norm the
