@@ -102,21 +102,35 @@ def per_example_conv_kernel_grads(inputs: tf.Tensor, output_grads: tf.Tensor, ke
         raise ValueError(f"convolution inputs must be 3-D, 4-D or 5-D (channels last), got rank {rank}")
     backprop_filter = tf.raw_ops.Conv2DBackpropFilter if rank == 4 else tf.raw_ops.Conv3DBackpropFilterV2
     filter_sizes = tf.constant(kernel_shape, tf.int32)
+
+    def filter_gradient(example_inputs, example_grads):
+        kernel = backprop_filter(input=example_inputs, filter_sizes=filter_sizes, out_backprop=example_grads,
+                                 strides=[1, *strides, 1], padding=padding.upper())
+        return tf.reshape(kernel, kernel_shape)
+
+    if _in_xla_context():
+        # Compiled, XLA slices without copying and map_fn's loop was 5× faster than the while loop below.
+        return tf.map_fn(lambda example: filter_gradient(example[0][None], example[1][None]), (inputs, output_grads),
+                         parallel_iterations=PER_EXAMPLE_PARALLEL_ITERATIONS,
+                         fn_output_signature=tf.TensorSpec(kernel_shape, inputs.dtype))
+
+    # Uncompiled, a while loop over leading-axis slices rather than tf.map_fn: a slice [i:i+1] of the batch
+    # is a view of it, whereas map_fn first copies both (B, …) operands into tensor lists, which at 512 px
+    # cost as much as a third of the filter gradients themselves.
     batch = tf.shape(inputs)[0]
-
-    # A while loop over leading-axis slices rather than tf.map_fn: a slice [i:i+1] of the batch is a view
-    # of it, whereas map_fn first copies both (B, …) operands into tensor lists, which at 512 px cost as
-    # much as a third of the filter gradients themselves.
-    def one_example(i, kernels):
-        kernel = backprop_filter(input=inputs[i:i + 1], filter_sizes=filter_sizes,
-                                 out_backprop=output_grads[i:i + 1], strides=[1, *strides, 1],
-                                 padding=padding.upper())
-        return i + 1, kernels.write(i, tf.reshape(kernel, kernel_shape))
-
-    _, kernels = tf.while_loop(lambda i, _: i < batch, one_example,
-                               (tf.constant(0), tf.TensorArray(inputs.dtype, size=batch, element_shape=kernel_shape)),
-                               parallel_iterations=PER_EXAMPLE_PARALLEL_ITERATIONS)
+    _, kernels = tf.while_loop(
+        lambda i, _: i < batch,
+        lambda i, kernels: (i + 1, kernels.write(i, filter_gradient(inputs[i:i + 1], output_grads[i:i + 1]))),
+        (tf.constant(0), tf.TensorArray(inputs.dtype, size=batch, element_shape=kernel_shape)),
+        parallel_iterations=PER_EXAMPLE_PARALLEL_ITERATIONS)
     return kernels.stack()
+
+
+def _in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (``tf.function(jit_compile=True)``, or inside one)."""
+    from tensorflow.python.ops import control_flow_util  # TensorFlow's own test; no public equivalent in 2.15
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def batched_conv_kernel_grads(inputs: tf.Tensor, output_grads: tf.Tensor, kernel_shape: tuple[int, ...],
