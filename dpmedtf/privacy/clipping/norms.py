@@ -128,7 +128,7 @@ def per_example_conv_kernel_grads(inputs: tf.Tensor, output_grads: tf.Tensor, ke
 
 def _in_xla_context() -> bool:
     """Whether the graph being built is compiled by XLA (``tf.function(jit_compile=True)``, or inside one)."""
-    from tensorflow.python.ops import control_flow_util  # TensorFlow's own test; no public equivalent in 2.15
+    from tensorflow.python.ops import control_flow_util  # TensorFlow's internal check; no public API for it in 2.15
 
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
