@@ -31,6 +31,7 @@ LAYERS = {  # layer factory, input shape (without the batch)
     "conv3d_k3_s2_same": (lambda: L.Conv3D(4, 3, strides=2, padding="same"), (6, 7, 5, 2)),
     "conv3d_k133_s1_valid": (lambda: L.Conv3D(4, (1, 3, 3), padding="valid", use_bias=False), (6, 7, 5, 2)),
     "conv3d_k311_s121_same": (lambda: L.Conv3D(3, (3, 1, 1), strides=(1, 2, 1), padding="same"), (6, 7, 5, 2)),
+    "conv3d_k1_s3_same": (lambda: L.Conv3D(3, 1, strides=3, padding="same"), (9, 6, 9, 2)),  # TF's patches mispad this
     "acs_k3_s1_same": (lambda: ACSConv(6, 3, 1, padding="same", use_bias=True), (6, 5, 7, 2)),
     "acs_k3_s2_same": (lambda: ACSConv(5, 3, 2, padding="same"), (6, 5, 7, 2)),
     "acs_k1_s1_valid": (lambda: ACSConv(4, 1, 1, padding="valid"), (6, 5, 7, 2)),  # valid: only k = 1 (planes' shapes differ)

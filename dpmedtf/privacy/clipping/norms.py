@@ -42,20 +42,40 @@ def ghost_is_cheaper(positions: int, patch_size: int, out_channels: int) -> bool
     return ghost < positions * patch_size * out_channels
 
 
+def _explicitly_padded(inputs: tf.Tensor, kernel_size: tuple[int, ...], strides: tuple[int, ...],
+                       padding: str) -> tf.Tensor:
+    """``inputs`` with the zeros a 'same' convolution adds, so that it reads them as 'valid'.
+
+    TensorFlow's patch extraction does not pad as its convolution does when the stride exceeds the kernel by 2
+    or more (3D, 'same', e.g. a 1×1×1 kernel with stride 3 on 9 voxels: it drops the first voxel, the
+    convolution the last): explicit padding makes both read the same voxels.
+    """
+    if padding.lower() != "same":
+        return inputs
+    pads = [[0, 0]]
+    for size, kernel, stride in zip(inputs.shape[1:-1], kernel_size, strides):
+        out = -(-int(size) // stride)
+        total = max((out - 1) * stride + kernel - int(size), 0)
+        pads.append([total // 2, total - total // 2])
+    pads.append([0, 0])
+    return tf.pad(inputs, pads) if any(lo or hi for lo, hi in pads) else inputs
+
+
 def extract_patches(inputs: tf.Tensor, kernel_size: tuple[int, ...], strides: tuple[int, ...],
                     padding: str) -> tf.Tensor:
     """(B, T, D) patches of a channels-last 1D, 2D or 3D input, laid out as the convolution reads them."""
     rank = inputs.shape.rank
     if rank == 3:  # a 1D convolution is the 2D one on a height-1 image (as tf.nn.conv1d computes it)
         inputs, kernel_size, strides, rank = inputs[:, None], (1, *kernel_size), (1, *strides), 4
+    if rank not in (4, 5):
+        raise ValueError(f"convolution inputs must be 3-D, 4-D or 5-D (channels last), got rank {rank}")
+    inputs = _explicitly_padded(inputs, kernel_size, strides, padding)
     if rank == 4:
         patches = tf.image.extract_patches(inputs, sizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
-                                           rates=[1, 1, 1, 1], padding=padding.upper())
-    elif rank == 5:
-        patches = tf.extract_volume_patches(inputs, ksizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
-                                            padding=padding.upper())
+                                           rates=[1, 1, 1, 1], padding="VALID")
     else:
-        raise ValueError(f"convolution inputs must be 3-D, 4-D or 5-D (channels last), got rank {rank}")
+        patches = tf.extract_volume_patches(inputs, ksizes=[1, *kernel_size, 1], strides=[1, *strides, 1],
+                                            padding="VALID")
     return flatten_positions(patches)
 
 
