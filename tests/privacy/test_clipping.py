@@ -8,7 +8,7 @@ from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
 from dpmedtf.models import build_resnet9, convert_to_acs
 from dpmedtf.privacy.clipping import (UnsupportedLayerError, check_supported, fast_clipped_gradient_sum,
                                       make_layer_registry)
-from dpmedtf.privacy.clipping.norms import (conv_ghost_squared_norms, ghost_is_cheaper,
+from dpmedtf.privacy.clipping.norms import (conv_cost_prefers_ghost, conv_ghost_squared_norms, ghost_is_cheaper,
                                             per_example_conv_kernel_grads, squared_norms_of)
 from dpmedtf.privacy.engines import vectorized_clipped_gradient_sum
 from dpmedtf.training.losses import weighted_bce_per_example
@@ -101,7 +101,8 @@ def test_in_float64_fast_equals_the_per_example_loop_to_1e_10():
     (3, (1, 3, 3), 2, "same"), (3, (3, 1, 3), 1, "same"), (3, (3, 3, 1), 2, "valid"),
     # Stride ≥ kernel + 2 with 'same' on 9 voxels: TensorFlow's volume patches drop the first voxel there
     # while its convolution drops the last (the patches are now padded explicitly).
-    (3, (1, 1, 1), 3, "same"), (3, (3, 1, 3), 3, "same")])
+    (3, (1, 1, 1), 3, "same"), (3, (3, 1, 3), 3, "same"), (1, (4,), 1, "same"), (1, (3,), 1, "valid"),
+    (2, (2, 3), 1, "same"), (2, (3, 3), 1, "valid"), (3, (3, 3, 3), 1, "same"), (3, (2, 1, 3), 1, "valid")])
 def test_ghost_norms_equal_instantiated_norms(rank, kernel, stride, padding):
     rng = np.random.default_rng(3)
     spatial = (9,) * rank
@@ -128,6 +129,13 @@ def test_ghost_norms_equal_instantiated_norms(rank, kernel, stride, padding):
 def test_the_cost_model_picks_each_method_where_it_is_cheaper():
     assert not ghost_is_cheaper(positions=64 * 64, patch_size=7 * 7 * 3, out_channels=64)  # 128 px stem
     assert ghost_is_cheaper(positions=4 * 4, patch_size=3 * 3 * 512, out_channels=512)  # last stage
+    # 512 px, stage 4 (16 × 16 positions, 3×3, 512 → 512): from patches the Gram matrix costs more than the
+    # per-example gradients, from the input's own Gram matrix (stride 1) it costs less.
+    assert not ghost_is_cheaper(positions=16 * 16, patch_size=3 * 3 * 512, out_channels=512)
+    assert ghost_is_cheaper(positions=16 * 16, patch_size=3 * 3 * 512, out_channels=512, gram_width=512 + 9)
+    grads = tf.zeros((1, 16, 16, 512))
+    assert conv_cost_prefers_ghost(grads, (3, 3, 512, 512), (1, 1))
+    assert not conv_cost_prefers_ghost(grads, (3, 3, 512, 512), (2, 2))
 
 
 def test_the_registry_plugs_into_tensorflow_privacys_own_norm_computation():

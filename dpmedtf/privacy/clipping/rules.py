@@ -143,7 +143,7 @@ def conv_layer_computation(layer, input_args, input_kwargs, tape: tf.GradientTap
     kernel_shape, strides = tuple(layer.kernel.shape), tuple(layer.strides)
 
     def compute(base_grads):
-        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, kernel_shape)):
+        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, kernel_shape, strides)):
             squared = conv_ghost_squared_norms(inputs, base_grads, tuple(layer.kernel_size), strides, layer.padding)
             if layer.use_bias:
                 squared += squared_norms_of(summed_over_positions(base_grads))
@@ -171,7 +171,8 @@ def acs_conv_layer_computation(layer: ACSConv, input_args, input_kwargs, tape: t
 
     def compute(base_grads):
         parts = tf.split(base_grads, splits, axis=-1)
-        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, (k, k, in_channels, max(splits)))):
+        if _use_ghost(method, lambda: conv_cost_prefers_ghost(base_grads, (k, k, in_channels, max(splits)),
+                                                                  (s, s, s))):
             squared = tf.add_n([conv_ghost_squared_norms(inputs, part, size, (s, s, s), layer.padding)
                                 for part, size in zip(parts, plane_sizes)])
             if layer.use_bias:
