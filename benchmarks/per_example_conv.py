@@ -64,7 +64,7 @@ def main() -> None:
             timed[method] = 1000 * median_seconds(lambda: graph(inputs, grads).numpy(), args.repeats)[0]
         rows.append({"layer": name, "input": [size, size, cin], "kernel": list(kernel_shape), "stride": stride,
                      "positions": out_size * out_size, "patch_size": kernel * kernel * cin,
-                     "cost_model": "ghost" if conv_cost_prefers_ghost(grads, kernel_shape) else "instantiate",
+                     "cost_model": "ghost" if conv_cost_prefers_ghost(grads, kernel_shape, strides) else "instantiate",
                      "loop_ms": timed["loop"], "batched_ms": timed["batched"],
                      "batched_over_loop": timed["batched"] / timed["loop"]})
 
