@@ -54,10 +54,11 @@ def ghost_is_cheaper(positions: int, patch_size: int, out_channels: int, gram_wi
     return ghost < positions * patch_size * out_channels
 
 
-def same_padding_before(size: int, kernel: int, stride: int) -> int:
-    """Zeros TensorFlow's 'same' convolution puts before an axis of ``size`` (the rest go after)."""
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Zeros TensorFlow's 'same' convolution puts before and after an axis of ``size``."""
     out = -(-size // stride)
-    return max((out - 1) * stride + kernel - size, 0) // 2
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
 
 def _explicitly_padded(inputs: tf.Tensor, kernel_size: tuple[int, ...], strides: tuple[int, ...],
@@ -70,12 +71,8 @@ def _explicitly_padded(inputs: tf.Tensor, kernel_size: tuple[int, ...], strides:
     """
     if padding.lower() != "same":
         return inputs
-    pads = [[0, 0]]
-    for size, kernel, stride in zip(inputs.shape[1:-1], kernel_size, strides):
-        out = -(-int(size) // stride)
-        total = max((out - 1) * stride + kernel - int(size), 0)
-        pads.append([total // 2, total - total // 2])
-    pads.append([0, 0])
+    pads = [[0, 0], *(list(same_padding(int(size), kernel, stride))
+                      for size, kernel, stride in zip(inputs.shape[1:-1], kernel_size, strides)), [0, 0]]
     return tf.pad(inputs, pads) if any(lo or hi for lo, hi in pads) else inputs
 
 
@@ -143,7 +140,7 @@ def patch_gram(inputs: tf.Tensor, kernel_size: tuple[int, ...], padding: str,
     spatial = tuple(int(n) for n in inputs.shape[1:-1])
     if len(spatial) != len(kernel_size) or None in out_spatial:
         raise ValueError(f"convolution inputs {inputs.shape} do not match kernel {kernel_size}")
-    before = [same_padding_before(n, k, 1) if padding.lower() == "same" else 0 for n, k in zip(spatial, kernel_size)]
+    before = [same_padding(n, k, 1)[0] if padding.lower() == "same" else 0 for n, k in zip(spatial, kernel_size)]
     grid = [out + k - 1 for out, k in zip(out_spatial, kernel_size)]  # the padded extent the patches read
     kept = [min(n, g - b) for n, g, b in zip(spatial, grid, before)]  # 'valid' may leave input unread
     region = inputs[(slice(None), *(slice(0, k) for k in kept))]
@@ -288,9 +285,11 @@ SQUARES_RUN = 16
 FLOAT32_SQUARES_MARGIN = 2.0 ** -19
 # A square or partial sum below float32's normal range may be flushed to zero (oneDNN and XLA set
 # flush-to-zero): at most 2⁻¹²⁶ lost per square and per addition, 2⁻¹²⁵ per value. It is added only to a
-# non-zero sum: a sum flushed to exactly 0 belongs to a gradient of norm below √(values·2⁻¹²⁵) (< 10⁻¹⁵ for
-# 10¹² parameters), which its clip factor of 1 keeps below any clip norm C anyway, and a gradient of exact
-# zeros (a padded row) keeps its norm of exactly 0.
+# non-zero sum, so that a gradient of exact zeros (a padded row) keeps its norm of exactly 0. A sum flushed
+# to exactly 0 misses at most values·2⁻¹²⁵ (< 10⁻²⁶ for 10¹² parameters): alone, a norm below 10⁻¹³ that a
+# clip factor of 1 keeps below C; added to other layers' squares, a shortfall that ``clip_factors``' margin
+# (4.8e-7·C²) covers for any clip norm above 10⁻⁹. A square that overflows float32 (|g| > 1.8e19) gives an
+# infinite norm and a clip factor of 0: more clipping, never less.
 FLOAT32_SQUARES_UNDERFLOW = 2.0 ** -125
 
 
