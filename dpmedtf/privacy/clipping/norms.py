@@ -16,7 +16,8 @@ clipping"):
   Gram matrix Xᵢ Xᵢᵀ, which costs T²·C_in instead of T²·k·C_in (``patch_gram``).
 
 Early layers of a CNN have many positions and few weights (instantiate); late ones few positions and
-many weights (ghost). The choice is made per layer from its static shapes.
+many weights (ghost). The choice is made per layer from its static shapes, by what each adds to the
+non-private step's work (``ghost_is_cheaper``): the T·D·p flops of the weight gradient are spent either way.
 
 Every squared norm here is accumulated in float64 and returned in float64. The ghost form is a sum of
 signed Gram products: in float32 an adversarially chosen example whose per-position gradients nearly
@@ -38,20 +39,31 @@ import tensorflow as tf
 
 NORM_DTYPE = tf.float64
 
-# A float64 Gram matrix costs 2.4–3× its float32 flops on a CPU (measured on AVX-512 with oneDNN for
-# the ResNet9 stages' shapes); the per-layer choice weighs the ghost method's flops by this.
-GHOST_FLOAT64_COST_FACTOR = 2.5
+# The per-layer choice weighs what each method ADDS to the step, for the weight gradient itself is paid
+# either way: ghost layers form it as the non-private step does (one batched filter gradient of rows scaled
+# by cᵢ), and instantiated layers' per-example gradients replace that kernel at about its cost.
+# - ghost adds its float64 Gram matrices: T²·(w + p) multiply-adds per example, w the Gram width (patch
+#   size D, or C_in + kernel offsets for stride 1);
+# - instantiation adds D·p kept values per example, each written by the loop, squared, weighted and
+#   summed — 1.3–1.8 ns a value on this CPU (2 cores, AVX-512), whatever T is.
+# There the Gram matrices ran at 8–34 float64 multiply-adds per ns (median 17), so one kept value costs what
+# 24–28 of them do (``benchmarks/per_example_conv.py --norm-costs``: the ResNet9 at 128 px, B = 32; 256 px,
+# B = 16; 512 px, B = 8). 32 leans a near-tie towards ghost, whose memory is T² rather than D·p per example:
+# the one layer within 20% of it (512 px, stage 4's 3×3, 512 → 512) measured cheaper either way from run to
+# run. Not tuned on a GPU (none here), where float64 runs at 1/2 to 1/64 of float32 depending on the card.
+GHOST_GRAM_MACS_PER_KEPT_VALUE = 32
 
 
 def ghost_is_cheaper(positions: int, patch_size: int, out_channels: int, gram_width: int | None = None) -> bool:
-    """Whether the float64 Gram-matrix (ghost) norm costs less than instantiating the per-example gradient.
+    """Whether the float64 Gram-matrix (ghost) norm adds less to the step than instantiating the per-example
+    gradient does (``GHOST_GRAM_MACS_PER_KEPT_VALUE``).
 
     ``gram_width`` is what one Gram entry of the inputs costs, when not ``patch_size`` (a stride-1
     convolution's patch Gram comes from its input channels plus one add per kernel offset: ``patch_gram``).
     """
     width = patch_size if gram_width is None else gram_width
-    ghost = GHOST_FLOAT64_COST_FACTOR * positions * positions * (width + out_channels)
-    return ghost < positions * patch_size * out_channels
+    gram_macs = positions * positions * (width + out_channels)
+    return gram_macs < GHOST_GRAM_MACS_PER_KEPT_VALUE * patch_size * out_channels
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
