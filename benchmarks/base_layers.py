@@ -37,6 +37,7 @@ from dpmedtf.models.resnet9 import GROUPNORM_EPSILON  # noqa: E402
 from dpmedtf.privacy.clipping.rules import group_norm_layer_computation  # noqa: E402
 from dpmedtf.training.losses import weighted_bce_per_example  # noqa: E402
 from dpmedtf.training.step import GradientStep  # noqa: E402
+from timing import fetched, interleaved_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 OUTPUTS = 8
 GROUPS = 32
@@ -146,29 +147,18 @@ def cases(sizes: list[tuple[int, int]]) -> list[dict]:
 
 
 def run_all(all_cases: list[dict], rounds: int) -> list[dict]:
-    for case in all_cases:
-        for function in case["variants"].values():
-            _block(function())  # warm-up: tracing, allocation
-    times = {id(case): {label: [] for label in case["variants"]} for case in all_cases}
-    for _ in range(rounds):
-        for case in all_cases:
-            for label, function in case["variants"].items():
-                start = time.perf_counter()
-                _block(function())
-                times[id(case)][label].append(time.perf_counter() - start)
+    functions = {(id(case), label): (lambda function=function: fetched(function()))
+                 for case in all_cases for label, function in case["variants"].items()}
+    times = interleaved_seconds(functions, rounds)
     results = []
     for case in all_cases:
-        medians = {label: statistics.median(t) * 1e3 for label, t in times[id(case)].items()}
+        runs = {label: times[id(case), label] for label in case["variants"]}
+        medians = {label: statistics.median(t) * 1e3 for label, t in runs.items()}
         baseline = next(iter(medians))
         results.append({"name": case["name"], "shape": case["shape"], "median_ms": medians, "baseline": baseline,
                         "baseline_over_dpmedtf": medians[baseline] / medians["dpmedtf"],
-                        "runs_ms": {label: [round(v * 1e3, 3) for v in t] for label, t in times[id(case)].items()}})
+                        "runs_ms": {label: [round(v * 1e3, 3) for v in t] for label, t in runs.items()}})
     return results
-
-
-def _block(outputs) -> None:
-    for tensor in tf.nest.flatten(outputs):
-        tensor.numpy()
 
 
 def table(results: list[dict]) -> str:

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -37,7 +36,7 @@ from dpmedtf.models.resnet9 import PAPER_WIDTHS, STAGE_STRIDES  # noqa: E402
 from dpmedtf.privacy.clipping.norms import (batched_conv_kernel_grads, batched_is_preferred,  # noqa: E402
                                             conv_cost_prefers_ghost, conv_ghost_squared_norms,
                                             per_example_conv_kernel_grads, squared_norms_of)
-from timing import median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
+from timing import fetched, interleaved_seconds, median_seconds  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def resnet9_convs(image_size: int, in_channels: int = 3) -> list[tuple[str, int, int, int, int, int]]:
@@ -137,7 +136,9 @@ def norm_costs(settings: list[str], rounds: int, out: Path) -> None:
             methods = {"nonprivate": lambda: filter_gradient(grads), "instantiate": instantiate}
             if batch_size * out_size ** 4 * 8 <= GRAM_BYTES_LIMIT:
                 methods["ghost"] = ghost
-            ms = interleaved_medians_ms({method: tf.function(fn) for method, fn in methods.items()}, rounds)
+            times = interleaved_seconds({method: (lambda graph=tf.function(fn): fetched(graph()))
+                                         for method, fn in methods.items()}, rounds, shuffle_seed=1)
+            ms = {method: 1000 * statistics.median(runs) for method, runs in times.items()}
             added = {method: ms[method] - ms["nonprivate"] for method in ms if method != "nonprivate"}
             picked = "ghost" if conv_cost_prefers_ghost(grads, kernel_shape, strides) else "instantiate"
             cheaper = min(added, key=added.get)
@@ -160,24 +161,6 @@ def norm_costs(settings: list[str], rounds: int, out: Path) -> None:
               f"| {k[0]}×{k[1]}, {k[2]}→{k[3]} /{row['stride']} | {row['nonprivate_ms']:.1f} "
               f"| {row['instantiate_added_ms']:.1f} | {ghost_added} | {row['cost_model']} | {row['measured_cheaper']} |")
     print(f"wrote {out}")
-
-
-def interleaved_medians_ms(functions: dict, rounds: int) -> dict[str, float]:
-    """Median ms of each function over ``rounds`` rounds that run every function once, in shuffled order."""
-    def run(function):
-        tf.nest.map_structure(lambda tensor: tensor.numpy(), function())
-
-    for function in functions.values():
-        run(function)
-    times = {name: [] for name in functions}
-    order = list(functions)
-    shuffle = np.random.default_rng(1).permutation
-    for _ in range(rounds):
-        for name in (order[i] for i in shuffle(len(order))):
-            start = time.perf_counter()
-            run(functions[name])
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 if __name__ == "__main__":
