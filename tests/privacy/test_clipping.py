@@ -138,8 +138,9 @@ def test_the_cost_model_picks_each_method_where_it_is_cheaper():
     assert not conv_cost_prefers_ghost(grads, (3, 3, 512, 512), (2, 2))
     # What each method adds is weighed, not the weight gradient both pay: 256 px, stage 3 (16 × 16 positions,
     # 3×3, 256 → 256, stride 1) keeps its 0.6M per-example values more cheaply than it forms 65,536-entry
-    # float64 Gram matrices (measured 14 against 26 ms at B = 16); 128 px, stage 3's strided first layer
-    # (8 × 8 positions, 128 → 256) is the other way round (12 against 15 ms at B = 32).
+    # float64 Gram matrices (14 against 33 ms added at B = 16); 128 px, stage 3's strided first layer
+    # (8 × 8 positions, 128 → 256) is the other way round (14 against 17 ms at B = 32), as recorded in
+    # benchmarks/results/per_example_norm_costs.json.
     assert not conv_cost_prefers_ghost(tf.zeros((1, 16, 16, 256)), (3, 3, 256, 256), (1, 1))
     assert conv_cost_prefers_ghost(tf.zeros((1, 8, 8, 256)), (3, 3, 128, 256), (2, 2))
 
