@@ -56,8 +56,9 @@ def main() -> None:
     step = iter(range(10**9))
 
     philox_graph = tf.function(lambda seeds: noised_mean(zeros, stddev, 1.0, seeds))
-    kernel_graph = tf.function(lambda seeds: [(total + tf.random.stateless_normal(tf.shape(total), seeds[i], stddev=stddev))
-                                              / 1.0 for i, total in enumerate(zeros)])
+    kernel_graph = tf.function(lambda seeds: [
+        (total + tf.random.stateless_normal(tf.shape(total), seeds[i], stddev=stddev)) / 1.0
+        for i, total in enumerate(zeros)])
     default_host, _ = median_seconds(lambda: secret.noise_seeds(next(step), len(variables)), args.repeats)
     cpu_seconds = {"default": [], "tensorflow_kernel": []}
 

@@ -41,20 +41,27 @@ def noised_mean(clipped_sums, noise_stddev: float, expected_batch_size: float, s
 def gaussian_noise(shape, seed: tf.Tensor, stddev: float, dtype: tf.DType = tf.float32) -> tf.Tensor:
     """N(0, stddev²) values: ``tf.random.stateless_normal(shape, seed, stddev=stddev)``, computed faster.
 
-    TensorFlow's CPU kernel turns each pair of its Philox uniforms (u₁, u₂) into √(−2 ln u₁)·(sin 2πu₂, cos 2πu₂)
-    with scalar log, sin and cos. Here the same uniforms (``stateless_uniform``: the same Philox words, the same
-    conversion to [0, 1)) go through the same formula, with the same floor of 10⁻⁷ on u₁, in vectorized ops:
-    the same values in the same order, to a few float32 units in the last place of the transcendental functions
-    (the same stream for the same seed as before; tests/privacy/test_noise.py holds it to TensorFlow's kernel and
-    to the formula in float64). For ResNet9's 4.9M weights it took 25 ms instead of 35 ms, 44 ms of CPU instead
-    of 65, on 2 cores (``benchmarks/secure_rng.py``). Dtypes other than float32 use TensorFlow's kernel itself.
+    TensorFlow's CPU kernel turns each pair of its Philox uniforms (u₁, u₂) into
+    √(−2 ln u₁)·(sin 2πu₂, cos 2πu₂) with scalar log, sin and cos. Here the same uniforms
+    (``stateless_uniform``: the same Philox words, the same conversion to [0, 1)) go through the same
+    formula, with the same floor of 10⁻⁷ on u₁, in vectorized ops: the same values in the same order,
+    within 2.5·10⁻⁶·stddev of the kernel's (the last bits of the angle, which the kernel rounds once from
+    double, and of the transcendental functions; measured over 25M values). The same seed gives the same
+    stream as before; tests/privacy/test_noise.py holds it to TensorFlow's kernel and to the formula in
+    float64. For ResNet9's 4.9M weights it took 25 ms instead of 35 ms, 44 ms of CPU instead of 65, on
+    2 cores (``benchmarks/secure_rng.py``). Dtypes other than float32 use TensorFlow's kernel itself.
     """
     if dtype != tf.float32:
         return tf.random.stateless_normal(shape, seed, stddev=stddev, dtype=dtype)
-    size = tf.reduce_prod(shape) if tf.is_tensor(shape) else math.prod(shape)
-    pairs = tf.random.stateless_uniform(tf.stack([(size + 1) // 2, 2]) if tf.is_tensor(size) else [(size + 1) // 2, 2],
-                                        seed, dtype=tf.float32)
-    radius = tf.sqrt(-2.0 * tf.math.log(tf.maximum(pairs[:, 0], _BOX_MULLER_EPSILON))) * tf.cast(stddev, tf.float32)
+    if tf.is_tensor(shape):
+        size = tf.reduce_prod(shape)
+        pairs_shape = tf.stack([(size + 1) // 2, 2])
+    else:
+        size = math.prod(shape)
+        pairs_shape = [(size + 1) // 2, 2]
+    pairs = tf.random.stateless_uniform(pairs_shape, seed, dtype=tf.float32)
+    floored = tf.maximum(pairs[:, 0], _BOX_MULLER_EPSILON)
+    radius = tf.sqrt(-2.0 * tf.math.log(floored)) * tf.convert_to_tensor(stddev, tf.float32)
     angle = pairs[:, 1] * tf.constant(2.0 * math.pi, tf.float32)
     # Row j holds the pair's two normals, as TensorFlow writes them: values 2j and 2j + 1 of the stream.
     interleaved = tf.transpose(tf.stack([radius * tf.sin(angle), radius * tf.cos(angle)]))
