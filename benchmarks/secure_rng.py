@@ -4,7 +4,7 @@ For the paper's network (GroupNorm ResNet9, 4,909,896 weights, 8 outputs), per l
 - default: the 128-bit Philox seeds the input pipeline derives from the run secret (host), plus the
   in-graph stateless Gaussian draw for every weight (device, ``noise.gaussian_noise``), side by side in
   alternating rounds with TensorFlow's own kernel for the same draw (``tf.random.stateless_normal``: the
-  same values to a few float32 ulps, but scalar log, sin and cos), in wall and CPU time;
+  same values within 2.5e-6·σ, but scalar log, sin and cos), in wall and CPU time;
 - secure_rng: the noise itself from ChaCha20 on the host (four Gaussians per weight, summed ÷ 2);
 - for scale, one fast-engine DP step (forward, per-example clipping, update) at the given size.
 tf.data makes the secure noise ahead of the step on the host, so it costs wall time only when it takes
