@@ -74,6 +74,7 @@ def main() -> None:
                                        "tensorflow_kernel": timed("tensorflow_kernel", kernel_graph)},
                                       max(args.repeats, 10), shuffle_seed=0)
     default_device, kernel_device = (statistics.median(noise_times[name]) for name in ("default", "tensorflow_kernel"))
+    # [1:]: interleaved_seconds' warm-up call (tracing) is recorded here too, but not in its own times.
     default_cpu, kernel_cpu = (statistics.median(cpu_seconds[name][1:]) for name in ("default", "tensorflow_kernel"))
     secure_host, secure_times = median_seconds(lambda: secret.secure_gaussian("noise", next(step), sizes, stddev),
                                                args.repeats)
