@@ -11,7 +11,11 @@ times, alternating within each round; a ratio is the median of the per-round rat
 median over rounds (one process per engine on a shared 2-core machine varies by ±15 %; pairing the
 runs of one round cancels most of it). The slow engines run once.
 
-  python benchmarks/dp_engines.py [--settings 128:32 256:16 512:8] [--steps 8] [--rounds 3]
+The fast and non-private steps are also timed in one process (benchmarks/dp_step.py --paired-rounds):
+built side by side and run one step each per round in a shuffled order, they see the same process state,
+and the median of their per-round time ratios (with its quartiles) is the tighter estimate of what DP adds.
+
+  python benchmarks/dp_engines.py [--settings 128:32 256:16 512:8] [--steps 8] [--rounds 3] [--paired-rounds 20]
                                   [--large 128:224]   # also: can the fast engine train B=128 at 224 px?
 """
 
@@ -48,7 +52,7 @@ def torch_python(env_dir: Path) -> Path:
 
 
 def run_engine(engine: str, batch_size: int, image_size: int, steps: int, out: Path, python_for_torch: Path | None,
-               devices: int = 1) -> dict:
+               devices: int = 1, paired_rounds: int = 0) -> dict:
     script, python = (("opacus_step.py", python_for_torch) if engine in TORCH_ENGINES
                       else ("dp_step.py", Path(sys.executable)))
     compiled = engine.endswith("-xla")
@@ -58,11 +62,13 @@ def run_engine(engine: str, batch_size: int, image_size: int, steps: int, out: P
         command.append("--xla")
     if devices > 1:
         command += ["--devices", str(devices)]
+    if paired_rounds:
+        command += ["--paired-rounds", str(paired_rounds)]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:]
         return {"engine": engine, "batch_size": batch_size, "image_size": image_size, "error": " ".join(tail)}
-    return {**json.loads(out.read_text()), "engine": engine}
+    return {**json.loads(out.read_text()), "engine": f"{engine}-vs-nondp" if paired_rounds else engine}
 
 
 def main() -> None:
@@ -73,6 +79,8 @@ def main() -> None:
                         choices=[*TF_ENGINES, *TORCH_ENGINES])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help=f"rounds of {', '.join(REPEATED_ENGINES)}")
+    parser.add_argument("--paired-rounds", type=int, default=20,
+                        help="rounds of the fast and non-private steps alternating in one process (0: not run)")
     parser.add_argument("--large", help="B:H for one extra fast-engine run (memory at scale), e.g. 128:224")
     parser.add_argument("--torch-venv", type=Path, default=HERE / ".venv-opacus")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "dp_engines.json")
@@ -94,6 +102,11 @@ def main() -> None:
                     result["round"] = round_number
                     print(json.dumps(result), flush=True)
                     results.append(result)
+            if args.paired_rounds and {"nondp", "fast"} <= set(args.engines):
+                result = run_engine("fast", batch_size, image_size, args.steps, Path(tmp) / "paired.json",
+                                    python_for_torch, paired_rounds=args.paired_rounds)
+                print(json.dumps({key: value for key, value in result.items() if key != "seconds"}), flush=True)
+                results.append(result)
         large = None
         if args.large:
             batch_size, image_size = (int(v) for v in args.large.split(":"))
@@ -134,6 +147,10 @@ def comparison_rows(results: list[dict]) -> list[dict]:
             row[f"{engine}_peak_rss_mb"] = median_of(engine, "peak_rss_mb")
             row[f"{engine}_rounds"] = len(per_round(engine))
         row["fast_step_time_vs_nondp"] = paired_ratio("nondp", "fast")  # time ratio = inverse throughput ratio
+        one_process = per_round("fast-vs-nondp").get(0, {})
+        row["fast_step_time_vs_nondp_one_process"] = one_process.get("step_time_vs_nondp")
+        row["fast_step_time_vs_nondp_one_process_quartiles"] = one_process.get("step_time_vs_nondp_quartiles")
+        row["one_process_rounds"] = one_process.get("paired_rounds")
         row["fast_memory_vs_nondp"] = paired_ratio("fast", "nondp", "peak_rss_mb")
         row["fast_vs_opacus_throughput"] = paired_ratio("fast", "opacus")
         rows.append(row)
@@ -147,10 +164,14 @@ def markdown_table(rows: list[dict], large: dict | None) -> str:
     def ratio(value):
         return "–" if value is None else f"{value:.2f}×"
 
+    def quartiles(value):
+        return "" if value is None else f" ({value[0]:.2f}–{value[1]:.2f})"
+
     lines = ["| px | B | non-DP | fast DP | vectorized DP | non-DP XLA | fast DP XLA | Opacus | Opacus ghost "
-             "| PyTorch non-DP | fast step time ÷ non-DP | fast memory ÷ non-DP | fast ÷ Opacus "
+             "| PyTorch non-DP | fast step time ÷ non-DP, separate processes "
+             "| fast step time ÷ non-DP, one process (quartiles) | fast memory ÷ non-DP | fast ÷ Opacus "
              "| memory MB non-DP / fast / vectorized / Opacus |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         memory = " / ".join(number(r[f"{e}_peak_rss_mb"], 0) for e in ("nondp", "fast", "vectorized", "opacus"))
         lines.append(f"| {r['image_size']} | {r['batch_size']} | {number(r['nondp_samples_per_s'])} "
@@ -158,10 +179,14 @@ def markdown_table(rows: list[dict], large: dict | None) -> str:
                      f"| {number(r['nondp-xla_samples_per_s'])} | {number(r['fast-xla_samples_per_s'])} "
                      f"| {number(r['opacus_samples_per_s'])} | {number(r['opacus-ghost_samples_per_s'])} "
                      f"| {number(r['torch-nondp_samples_per_s'])} | {ratio(r['fast_step_time_vs_nondp'])} "
+                     f"| {ratio(r['fast_step_time_vs_nondp_one_process'])}"
+                     f"{quartiles(r['fast_step_time_vs_nondp_one_process_quartiles'])} "
                      f"| {ratio(r['fast_memory_vs_nondp'])} | {ratio(r['fast_vs_opacus_throughput'])} | {memory} |")
     text = ("Samples/s of one training step of the 4.9M-parameter GroupNorm ResNet9 (Mish, 8 outputs), CPU, "
             "each engine in its own process, measured in turn in one run; non-DP, fast, Opacus and PyTorch "
-            "non-DP are medians of alternating rounds, and the ratios medians of per-round ratios.\n\n" + "\n".join(lines) + "\n")
+            "non-DP are medians of alternating rounds, and the ratios medians of per-round ratios. \"One "
+            "process\": the fast and non-private steps built in one process and run one step each per round, in a "
+            "shuffled order; the median of the per-round step-time ratios, quartiles in brackets.\n\n" + "\n".join(lines) + "\n")
     if large:
         text += (f"\nFast DP at B = {large['batch_size']}, {large['image_size']} px: "
                  + (f"{large['samples_per_s']:.1f} samples/s, peak memory {large['peak_rss_mb'] / 1024:.1f} GB\n"
