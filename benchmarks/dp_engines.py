@@ -8,8 +8,8 @@ first use) for the PyTorch ones. Writes benchmarks/results/dp_engines.json and .
 
 The engines the ratios are taken between (non-private, fast, PyTorch non-private, Opacus) run --rounds
 times, alternating within each round; a ratio is the median of the per-round ratios and a figure the
-median over rounds (one process per engine on a shared 2-core machine varies by ±15 %; pairing the
-runs of one round cancels most of it). The slow engines run once.
+median over rounds (pairing the runs of one round cancels the machine's drift, but one process per
+engine on a shared 2-core machine still varies by ±15 %). The slow engines run once.
 
 The fast and non-private steps are also timed in one process (benchmarks/dp_step.py --paired-rounds):
 built side by side and run one step each per round in a shuffled order, they see the same process state,
