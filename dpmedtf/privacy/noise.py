@@ -17,6 +17,7 @@ import math
 import tensorflow as tf
 
 from dpmedtf.privacy.clipping.norms import gpu_visible
+from dpmedtf.quiet_xla import absorb_first_compile_notice
 
 # TensorFlow's Box–Muller (``random::BoxMullerFloat``) raises a uniform below this to it before its log.
 _BOX_MULLER_EPSILON = 1.0e-7
@@ -61,6 +62,7 @@ def gaussian_noise(shape, seed: tf.Tensor, stddev: float, dtype: tf.DType = tf.f
         return tf.random.stateless_normal(shape, seed, stddev=stddev, dtype=dtype)
     stddev = tf.convert_to_tensor(stddev, tf.float32)
     if not tf.is_tensor(shape) and math.prod(shape) >= XLA_PHILOX_MIN_SIZE and not gpu_visible():
+        absorb_first_compile_notice()
         size = math.prod(shape)
         key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=seed)
         radius, angle = _polar_pairs(key, counter, blocks=(size + 3) // 4, stddev=stddev)
