@@ -35,6 +35,7 @@ from dpmedtf.privacy.engines import get_engine
 from dpmedtf.privacy.mechanism import DpSgdMechanism
 from dpmedtf.privacy.noise import noised_mean
 from dpmedtf.privacy.randomness import RunSecret
+from dpmedtf.quiet_xla import absorb_first_compile_notice
 
 PerExampleLoss = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 """(targets, model outputs) → (B,) losses."""
@@ -127,6 +128,8 @@ class GradientStep:
     def _compiled_chunk(self, network, per_example_loss):
         key = (id(network), id(per_example_loss))
         if key not in self._compiled:
+            absorb_first_compile_notice()
+
             def masked_chunk_sums(inputs, targets, mask):
                 return self._chunk_sums(network, inputs, targets, per_example_loss, mask)
 
