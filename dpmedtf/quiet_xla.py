@@ -7,19 +7,19 @@ so that a user sees dpmedtf's lines, not TensorFlow's; with ``training.jit_compi
 GPU is visible) the step's chunks are compiled with XLA, so those two lines would appear in every such run.
 
 Both are printed at most once per process. ``absorb_first_compile_notice`` therefore compiles one trivial
-function first, with the process's stderr (file descriptor 2) caught in a temporary file, and writes back
-everything it caught except those two lines: nothing else is lost, and later compilations print nothing.
+function first with file descriptor 2 filtered (``dpmedtf.native_stderr``, the mechanism that also keeps
+DCMTK's lines off the console): everything else passes on, and later compilations print nothing.
 With ``TF_CPP_MIN_LOG_LEVEL`` unset or 0 (INFO wanted) it does nothing.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 import threading
 
 import tensorflow as tf
+
+from dpmedtf.native_stderr import native_stderr_filtered
 
 _NOTICES = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
             "Compiled cluster using XLA!")
@@ -35,6 +35,10 @@ def info_logs_wanted() -> bool:
 
 def is_compile_notice(line: str) -> bool:
     return any(notice in line for notice in _NOTICES)
+
+
+def _is_compile_notice_bytes(line: bytes) -> bool:
+    return is_compile_notice(line.decode(errors="replace"))
 
 
 @tf.function(jit_compile=True)
@@ -53,19 +57,5 @@ def absorb_first_compile_notice() -> None:
         if _absorbed or info_logs_wanted():
             return
         _absorbed = True
-        with tf.init_scope(), tempfile.TemporaryFile() as caught:
-            sys.stderr.flush()
-            saved = os.dup(2)
-            os.dup2(caught.fileno(), 2)
-            try:
-                with tf.device("/CPU:0"):
-                    _trivial(tf.constant(0.0)).numpy()
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                os.close(saved)
-            caught.seek(0)
-            kept = [line for line in caught.read().decode(errors="replace").splitlines()
-                    if not is_compile_notice(line)]
-        if kept:
-            sys.stderr.write("\n".join(kept) + "\n")
+        with tf.init_scope(), native_stderr_filtered(_is_compile_notice_bytes), tf.device("/CPU:0"):
+            _trivial(tf.constant(0.0)).numpy()

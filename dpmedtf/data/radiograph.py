@@ -20,15 +20,13 @@ import contextlib
 import math
 import os
 import re
-import sys
-import threading
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from dpmedtf.errors import DataError, OutputError
+from dpmedtf.native_stderr import native_stderr_filtered
 
 # Inspection and pydicom decoding are TF-free and shared with the consumer's preprocessing
 # (release/preprocessing.py); they live in radiograph_files and stay importable from here.
@@ -175,55 +173,14 @@ def decoder_error_text(info: SourceInfo, exc: tf.errors.OpError) -> str:
 _DCMTK_LINE = re.compile(rb"^[WE]: ")
 
 
-@contextlib.contextmanager
-def dcmtk_messages_captured() -> Iterator[list[str]]:
-    """Keeps DCMTK's "W:"/"E:" lines off the console while decoding: file descriptor 2 is pointed at a pipe
-    whose reader passes everything else on to the real stderr as it arrives. Yields the captured lines.
-    fd 2 is restored on every exit, errors included."""
-    try:
-        sys.stderr.flush()  # Python's own buffered output goes out before the redirection
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no stderr to redirect (a closed descriptor): nothing to capture
-        yield []
-        return
-    read_end, write_end = os.pipe()
-    captured: list[str] = []
+def _may_start_dcmtk_line(partial: bytes) -> bool:
+    return any(prefix.startswith(partial[:3]) for prefix in (b"W: ", b"E: "))
 
-    def emit(line: bytes) -> None:
-        if _DCMTK_LINE.match(line):
-            captured.append(line.decode(errors="replace").rstrip())
-            return
-        while line:
-            line = line[os.write(saved, line):]
 
-    def forward() -> None:
-        pending = b""
-        with os.fdopen(read_end, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(65536):
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    emit(line + b"\n")
-                if pending and not any(prefix.startswith(pending[:3]) for prefix in (b"W: ", b"E: ")):
-                    emit(pending)  # a partial line that is no DCMTK message: pass it on now
-                    pending = b""
-        if pending:
-            emit(pending)
-
-    reader = threading.Thread(target=forward, name="dcmtk-stderr", daemon=True)
-    reader.start()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    try:
-        yield captured
-    finally:
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        os.dup2(saved, 2)  # drops the pipe's last write end: the reader drains it and stops
-        reader.join(timeout=10)
-        if not reader.is_alive():  # else a stray holder of the pipe keeps it open; leave the reader its fd
-            os.close(saved)
+def dcmtk_messages_captured() -> contextlib.AbstractContextManager[list[str]]:
+    """Keeps DCMTK's "W:"/"E:" lines off the console while decoding; everything else on fd 2 passes on to
+    the real stderr as it arrives. Yields the captured lines. fd 2 is restored on every exit, errors included."""
+    return native_stderr_filtered(_DCMTK_LINE.match, may_be_caught=_may_start_dcmtk_line)
 
 
 def save_png(image: np.ndarray, out: str | os.PathLike) -> Path:
