@@ -170,17 +170,21 @@ def decoder_error_text(info: SourceInfo, exc: tf.errors.OpError) -> str:
 
 # DCMTK (inside tensorflow-io) logs "W: …" and "E: …" lines straight to file descriptor 2 for header oddities
 # of many real CRs, e.g. "W: invalid value for 'PixelHeight' (0) ... assuming 1", once per decode.
-_DCMTK_LINE = re.compile(rb"^[WE]: ")
+_DCMTK_PREFIXES = (b"W: ", b"E: ")
+
+
+def _is_dcmtk_line(line: bytes) -> bool:
+    return line.startswith(_DCMTK_PREFIXES)
 
 
 def _may_start_dcmtk_line(partial: bytes) -> bool:
-    return any(prefix.startswith(partial[:3]) for prefix in (b"W: ", b"E: "))
+    return any(prefix.startswith(partial[:3]) for prefix in _DCMTK_PREFIXES)
 
 
 def dcmtk_messages_captured() -> contextlib.AbstractContextManager[list[str]]:
     """Keeps DCMTK's "W:"/"E:" lines off the console while decoding; everything else on fd 2 passes on to
     the real stderr as it arrives. Yields the captured lines. fd 2 is restored on every exit, errors included."""
-    return native_stderr_filtered(_DCMTK_LINE.match, may_be_caught=_may_start_dcmtk_line)
+    return native_stderr_filtered(_is_dcmtk_line, may_be_caught=_may_start_dcmtk_line)
 
 
 def save_png(image: np.ndarray, out: str | os.PathLike) -> Path:
